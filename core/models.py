@@ -1,0 +1,87 @@
+"""Values that flow through the pipeline: a claimed job, what to ask the model, what came back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+#: output_format -> (file extension, content type)
+IMAGE_FORMATS: Mapping[str, tuple[str, str]] = {
+    "png": ("png", "image/png"),
+    "jpeg": ("jpg", "image/jpeg"),
+    "webp": ("webp", "image/webp"),
+}
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """One image request handed to this worker under a lease; ``attempt`` is the fencing token."""
+
+    request_id: UUID
+    reply_id: UUID
+    chat_id: UUID
+    user_id: UUID
+    prompt: str
+    options: Mapping[str, Any]
+    attempt: int
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Exactly what is sent to the image model for one request."""
+
+    model: str
+    prompt: str
+    size: str
+    output_format: str
+    quality: str | None = None
+    background: str | None = None
+    #: a stable hash of the end user's id, never the id itself
+    safety_identifier: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts the provider reported for one generation."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """Decoded image bytes plus what the provider said about them."""
+
+    data: bytes
+    output_format: str
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    provider_request_id: str | None = None
+
+    @property
+    def extension(self) -> str:
+        return IMAGE_FORMATS[self.output_format][0]
+
+    @property
+    def content_type(self) -> str:
+        return IMAGE_FORMATS[self.output_format][1]
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """Where an image ended up: ``url`` for the user, ``location`` for us (to re-sign or remove)."""
+
+    url: str
+    location: str
+    content_type: str
+    size_bytes: int
+
+
+def object_path(job: ClaimedJob, output_format: str) -> str:
+    """Storage path built from ids only, so no prompt or option can steer where a file lands."""
+    extension = IMAGE_FORMATS[output_format][0]
+    return f"{job.user_id}/{job.chat_id}/{job.request_id}.{extension}"

@@ -1,0 +1,346 @@
+-- The work queue behind image requests. The job table lives in a schema the frontend cannot
+-- reach; every state change is one SQL function, executable by the service role (and the
+-- owner) only. Jobs exist only while a request is queued or running: completion or giving up
+-- deletes the job, so the table stays small and "no job left behind" is checkable.
+--
+-- Lease and fencing: a claim sets lease_holder and increments attempts; (lease_holder,
+-- attempts) is the fencing token that complete/fail/release/extend must present, so a worker
+-- whose lease expired and was taken over can never overwrite the new holder's work.
+
+create schema image_queue;
+revoke all on schema image_queue from public, anon, authenticated;
+
+create table image_queue.jobs (
+  request_id uuid primary key references public.messages (id) on delete cascade,
+  chat_id uuid not null,
+  user_id uuid not null,
+  state text not null default 'queued',
+  attempts integer not null default 0,
+  run_at timestamptz not null default now(),
+  lease_holder text,
+  lease_expires_at timestamptz,
+  last_error text,
+  created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(),
+  constraint jobs_state_check check (state in ('queued', 'running')),
+  constraint jobs_lease_check check (
+    (state = 'running') = (lease_holder is not null and lease_expires_at is not null)
+  ),
+  constraint jobs_attempts_check check (attempts >= 0)
+);
+
+create index jobs_queued_due_idx on image_queue.jobs (run_at) where state = 'queued';
+create index jobs_running_lease_idx on image_queue.jobs (lease_expires_at) where state = 'running';
+
+revoke all on table image_queue.jobs from public, anon, authenticated;
+
+-- Enqueue in the inserting transaction, and wake listeners with the request id only (the
+-- notification is delivered at commit; the row is the truth, the notification a hint).
+create function image_queue.enqueue_image_request() returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  insert into image_queue.jobs (request_id, chat_id, user_id)
+  select new.id, new.chat_id, c.user_id
+  from public.chats c
+  where c.id = new.chat_id;
+  perform pg_notify('image_requests', new.id::text);
+  return null;
+end
+$$;
+
+revoke all on function image_queue.enqueue_image_request() from public, anon, authenticated;
+
+create trigger messages_enqueue_image_request
+  after insert on public.messages
+  for each row
+  when (new.role = 'user' and new.message_type = 'image')
+  execute function image_queue.enqueue_image_request();
+
+-- Claim up to p_limit due jobs: queued ones whose run_at has come, and running ones whose
+-- lease expired (their worker died or stalled). A job already claimed p_max_attempts times is
+-- not handed out again: it ends here with a failed reply, so a request that crashes every
+-- worker that touches it cannot block the queue forever.
+create function public.image_jobs_claim(
+  p_worker text,
+  p_limit integer,
+  p_lease_seconds double precision,
+  p_max_attempts integer
+)
+returns table (
+  request_id uuid,
+  reply_id uuid,
+  chat_id uuid,
+  user_id uuid,
+  prompt text,
+  options jsonb,
+  attempt integer,
+  lease_expires_at timestamptz
+)
+language plpgsql
+security definer
+set search_path = ''
+as $$
+#variable_conflict use_column
+declare
+  exhausted uuid[];
+begin
+  if p_worker is null or p_worker = '' then
+    raise exception 'p_worker must name the claiming worker' using errcode = 'invalid_parameter_value';
+  end if;
+  if p_limit is null or p_limit < 1 or p_lease_seconds is null or p_lease_seconds <= 0
+     or p_max_attempts is null or p_max_attempts < 1 then
+    raise exception 'p_limit, p_lease_seconds and p_max_attempts must be positive'
+      using errcode = 'invalid_parameter_value';
+  end if;
+
+  with gone as (
+    delete from image_queue.jobs j
+    where j.request_id in (
+      select d.request_id from image_queue.jobs d
+      where d.attempts >= p_max_attempts
+        and ((d.state = 'queued' and d.run_at <= now())
+             or (d.state = 'running' and d.lease_expires_at <= now()))
+      for update skip locked
+    )
+    returning j.request_id, j.chat_id, j.attempts
+  ), replied as (
+    insert into public.messages as m (chat_id, role, content, message_type, status, error, reply_to, metadata)
+    select g.chat_id, 'assistant',
+           'The image could not be generated: the request failed ' || g.attempts || ' times.',
+           'image', 'failed',
+           'The image could not be generated: the request failed ' || g.attempts || ' times.',
+           g.request_id,
+           jsonb_build_object('error_code', 'attempts_exhausted', 'attempts', g.attempts)
+    from gone g
+    on conflict (reply_to) where reply_to is not null do update
+      set status = excluded.status, error = excluded.error, content = excluded.content,
+          image_url = null, metadata = m.metadata || excluded.metadata
+    returning m.reply_to
+  )
+  select array_agg(r.reply_to) into exhausted from replied r;
+
+  return query
+  with picked as (
+    select j.request_id from image_queue.jobs j
+    where j.attempts < p_max_attempts
+      and ((j.state = 'queued' and j.run_at <= now())
+           or (j.state = 'running' and j.lease_expires_at <= now()))
+    order by j.run_at, j.created_at
+    limit p_limit
+    for update skip locked
+  ), leased as (
+    update image_queue.jobs j
+    set state = 'running',
+        attempts = j.attempts + 1,
+        lease_holder = p_worker,
+        lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+        updated_at = now()
+    from picked
+    where j.request_id = picked.request_id
+    returning j.request_id, j.chat_id, j.user_id, j.attempts, j.lease_expires_at
+  ), replies as (
+    insert into public.messages as m (chat_id, role, content, message_type, status, reply_to, metadata)
+    select l.chat_id, 'assistant', 'Generating image...', 'image', 'generating', l.request_id,
+           jsonb_build_object('attempt', l.attempts)
+    from leased l
+    on conflict (reply_to) where reply_to is not null do update
+      set status = 'generating', error = null,
+          metadata = m.metadata || jsonb_build_object('attempt', excluded.metadata -> 'attempt')
+    returning m.id, m.reply_to
+  )
+  select l.request_id, r.id, l.chat_id, l.user_id, q.content, q.options, l.attempts, l.lease_expires_at
+  from leased l
+  join replies r on r.reply_to = l.request_id
+  join public.messages q on q.id = l.request_id;
+end
+$$;
+
+-- Renew the leases this worker still holds; returns the ids it still holds (a missing id means
+-- the lease was lost or the request was deleted: stop working on it).
+create function public.image_jobs_extend(
+  p_worker text,
+  p_request_ids uuid[],
+  p_attempts integer[],
+  p_lease_seconds double precision
+)
+returns setof uuid
+language sql
+security definer
+set search_path = ''
+as $$
+  update image_queue.jobs j
+  set lease_expires_at = now() + make_interval(secs => p_lease_seconds), updated_at = now()
+  from unnest(p_request_ids, p_attempts) as held (request_id, attempt)
+  where j.request_id = held.request_id
+    and j.attempts = held.attempt
+    and j.state = 'running'
+    and j.lease_holder = p_worker
+  returning j.request_id
+$$;
+
+-- Why a fenced write did nothing: the request is gone (cancelled) or someone else holds it.
+create function image_queue.lost_reason(p_request_id uuid) returns text
+language sql stable
+security definer
+set search_path = ''
+as $$
+  select case
+    when exists (select 1 from public.messages m where m.id = p_request_id) then 'lease_lost'
+    else 'cancelled'
+  end
+$$;
+
+-- Finish a job with its image. Returns 'completed', or 'lease_lost' / 'cancelled' when the
+-- caller no longer holds the lease (then nothing was written).
+create function public.image_jobs_complete(
+  p_request_id uuid,
+  p_worker text,
+  p_attempt integer,
+  p_image_url text,
+  p_metadata jsonb
+)
+returns text
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  job image_queue.jobs;
+  request_prompt text;
+begin
+  delete from image_queue.jobs j
+  where j.request_id = p_request_id and j.state = 'running'
+    and j.lease_holder = p_worker and j.attempts = p_attempt
+  returning j.* into job;
+  if not found then
+    return image_queue.lost_reason(p_request_id);
+  end if;
+
+  select m.content into request_prompt from public.messages m where m.id = p_request_id;
+  insert into public.messages as m
+    (chat_id, role, content, message_type, status, image_url, reply_to, metadata)
+  values (job.chat_id, 'assistant', format('Image generated from prompt: "%s"', request_prompt),
+          'image', 'complete', p_image_url, p_request_id, coalesce(p_metadata, '{}'::jsonb))
+  on conflict (reply_to) where reply_to is not null do update
+    set status = 'complete', image_url = excluded.image_url, content = excluded.content,
+        error = null, metadata = m.metadata || excluded.metadata;
+  return 'completed';
+end
+$$;
+
+-- Record a failed attempt. p_retry_in_seconds not null: queue it again after that delay (the
+-- reply stays 'generating'); null: give up with a failed reply carrying the user-safe p_error.
+-- p_detail is for operators only and stays in the job table. Returns 'retrying', 'failed',
+-- or 'lease_lost' / 'cancelled'.
+create function public.image_jobs_fail(
+  p_request_id uuid,
+  p_worker text,
+  p_attempt integer,
+  p_error text,
+  p_detail text,
+  p_retry_in_seconds double precision,
+  p_metadata jsonb
+)
+returns text
+language plpgsql
+security definer
+set search_path = ''
+as $$
+declare
+  job image_queue.jobs;
+begin
+  if p_retry_in_seconds is not null then
+    update image_queue.jobs j
+    set state = 'queued', lease_holder = null, lease_expires_at = null,
+        run_at = now() + make_interval(secs => greatest(p_retry_in_seconds, 0)),
+        last_error = left(p_detail, 2000), updated_at = now()
+    where j.request_id = p_request_id and j.state = 'running'
+      and j.lease_holder = p_worker and j.attempts = p_attempt;
+    if not found then
+      return image_queue.lost_reason(p_request_id);
+    end if;
+    update public.messages m
+    set metadata = m.metadata || coalesce(p_metadata, '{}'::jsonb)
+                  || jsonb_build_object('retry_at', now() + make_interval(secs => greatest(p_retry_in_seconds, 0)))
+    where m.reply_to = p_request_id;
+    return 'retrying';
+  end if;
+
+  delete from image_queue.jobs j
+  where j.request_id = p_request_id and j.state = 'running'
+    and j.lease_holder = p_worker and j.attempts = p_attempt
+  returning j.* into job;
+  if not found then
+    return image_queue.lost_reason(p_request_id);
+  end if;
+
+  insert into public.messages as m
+    (chat_id, role, content, message_type, status, error, reply_to, metadata)
+  values (job.chat_id, 'assistant', 'The image could not be generated. ' || p_error,
+          'image', 'failed', p_error, p_request_id, coalesce(p_metadata, '{}'::jsonb))
+  on conflict (reply_to) where reply_to is not null do update
+    set status = 'failed', error = excluded.error, content = excluded.content,
+        image_url = null, metadata = (m.metadata - 'retry_at') || excluded.metadata;
+  return 'failed';
+end
+$$;
+
+-- Hand a job back without counting the attempt (graceful shutdown before it finished).
+create function public.image_jobs_release(
+  p_request_id uuid,
+  p_worker text,
+  p_attempt integer
+)
+returns text
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  update image_queue.jobs j
+  set state = 'queued', lease_holder = null, lease_expires_at = null, run_at = now(),
+      attempts = greatest(j.attempts - 1, 0), updated_at = now()
+  where j.request_id = p_request_id and j.state = 'running'
+    and j.lease_holder = p_worker and j.attempts = p_attempt;
+  if not found then
+    return image_queue.lost_reason(p_request_id);
+  end if;
+  perform pg_notify('image_requests', p_request_id::text);
+  return 'released';
+end
+$$;
+
+-- When the next job becomes due (a queued run_at or a running lease's expiry), so an idle
+-- listener can sleep exactly until then instead of polling blindly. Null when the queue is empty.
+create function public.image_jobs_next_due() returns timestamptz
+language sql stable
+security definer
+set search_path = ''
+as $$
+  select least(
+    (select min(j.run_at) from image_queue.jobs j where j.state = 'queued'),
+    (select min(j.lease_expires_at) from image_queue.jobs j where j.state = 'running')
+  )
+$$;
+
+do $$
+declare
+  fn text;
+begin
+  foreach fn in array array[
+    'public.image_jobs_claim(text, integer, double precision, integer)',
+    'public.image_jobs_extend(text, uuid[], integer[], double precision)',
+    'public.image_jobs_complete(uuid, text, integer, text, jsonb)',
+    'public.image_jobs_fail(uuid, text, integer, text, text, double precision, jsonb)',
+    'public.image_jobs_release(uuid, text, integer)',
+    'public.image_jobs_next_due()',
+    'image_queue.lost_reason(uuid)'
+  ] loop
+    execute format('revoke all on function %s from public, anon, authenticated', fn);
+    execute format('grant execute on function %s to service_role', fn);
+  end loop;
+end
+$$;

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real PostgreSQL, one migrated database per test, the fake OpenAI server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.pg import PostgresServer, connect
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.create_template()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def database_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh database cloned from the migrated template; dropped after the test."""
+    name = pg_server.clone()
+    try:
+        yield pg_server.dsn(name)
+    finally:
+        pg_server.drop(name)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """An autocommit superuser connection to the test's database."""
+    with connect(database_url) as conn:
+        yield conn

@@ -101,3 +101,9 @@ class OperatorError(PermanentError):
         "The operators have been notified."
     )
     code = "service_misconfigured"
+
+
+class DatabaseUnavailable(TransientError):
+    """The database could not be reached or the call timed out; the same call may work later."""
+
+    code = "database_unavailable"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from enum import Enum
+from typing import Any, Protocol
+from uuid import UUID
 
-from core.models import GeneratedImage, GenerationParams, StoredImage
+from core.models import ClaimedJob, GeneratedImage, GenerationParams, StoredImage
 
 
 class ImageGenerator(Protocol):
@@ -24,4 +28,55 @@ class ImageStorage(Protocol):
 
     async def remove(self, location: str) -> None:
         """Delete a stored image; removing one that is already gone is not an error."""
+        ...
+
+
+class WriteResult(str, Enum):
+    """What a fenced write did: only ``DONE`` means the row changed."""
+
+    DONE = "done"
+    LEASE_LOST = "lease_lost"
+    CANCELLED = "cancelled"
+
+
+class JobStore(Protocol):
+    """The queue's SQL functions. Every write presents (worker, attempt) as its fencing token."""
+
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, max_attempts: int
+    ) -> list[ClaimedJob]:
+        """Lease up to ``limit`` due jobs to ``worker``."""
+        ...
+
+    async def extend(
+        self, worker: str, held: Sequence[tuple[UUID, int]], lease_seconds: float
+    ) -> set[UUID]:
+        """Renew leases; returns the request ids still held."""
+        ...
+
+    async def complete(
+        self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
+    ) -> WriteResult:
+        """Mark the reply complete with its image."""
+        ...
+
+    async def fail(
+        self,
+        job: ClaimedJob,
+        worker: str,
+        *,
+        public_error: str,
+        detail: str,
+        retry_in_seconds: float | None,
+        metadata: Mapping[str, Any],
+    ) -> WriteResult:
+        """Schedule another attempt (``retry_in_seconds``) or give up with a failed reply."""
+        ...
+
+    async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
+        """Hand the job back without counting the attempt."""
+        ...
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest job becomes claimable, or None for an empty queue."""
         ...

@@ -161,8 +161,7 @@ def _give_up_exhausted(error: BaseException, attempts: int) -> GiveUp:
         noun = "attempt" if attempts == 1 else "attempts"
         return GiveUp(
             public_message=(
-                f"The image service kept failing after {attempts} {noun}. "
-                "Please try again later."
+                f"The image service kept failing after {attempts} {noun}. Please try again later."
             ),
             code=error.code,
         )

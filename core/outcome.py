@@ -1,0 +1,53 @@
+"""What a finished attempt writes back: reply metadata, and the log summary of one request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.models import GeneratedImage, GenerationParams, StoredImage
+
+
+def completion_metadata(
+    params: GenerationParams,
+    image: GeneratedImage,
+    stored: StoredImage,
+    *,
+    attempt: int,
+    duration_seconds: float,
+) -> dict[str, Any]:
+    """The reply's ``metadata`` on success: enough to audit cost and to re-sign or find the file."""
+    usage = {
+        key: value
+        for key, value in (
+            ("input_tokens", image.usage.input_tokens),
+            ("output_tokens", image.usage.output_tokens),
+            ("total_tokens", image.usage.total_tokens),
+        )
+        if value is not None
+    }
+    return {
+        "model": params.model,
+        "size": params.size,
+        "quality": params.quality or "auto",
+        "background": params.background or "auto",
+        "output_format": image.output_format,
+        "usage": usage,
+        "attempt": attempt,
+        "duration_ms": round(duration_seconds * 1000),
+        "storage": {
+            "location": stored.location,
+            "content_type": stored.content_type,
+            "bytes": stored.size_bytes,
+        },
+        "provider_request_id": image.provider_request_id,
+    }
+
+
+def failure_metadata(code: str, *, attempt: int, duration_seconds: float) -> dict[str, Any]:
+    """The reply's ``metadata`` after a failed attempt (the operator detail stays in the job row)."""
+    return {
+        "error_code": code,
+        "attempt": attempt,
+        "duration_ms": round(duration_seconds * 1000),
+    }
+

@@ -1,0 +1,107 @@
+"""Turn a claimed request into the exact generation parameters, or a user-safe refusal.
+
+The database rejects malformed requests at insert time; this is the second line, so a row
+written around the contract (by the service role, or before a migration) still ends as a
+``failed`` reply with a clear reason instead of crashing the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from core.errors import InvalidRequest
+from core.models import IMAGE_FORMATS, ClaimedJob, GenerationParams
+
+MAX_PROMPT_CHARS = 32_000
+ALLOWED_OPTIONS = ("size", "quality", "background", "output_format")
+QUALITIES = ("low", "medium", "high", "auto")
+BACKGROUNDS = ("transparent", "opaque", "auto")
+_SIZE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
+_SAFETY_NAMESPACE = b"image-listener:safety-identifier:"
+
+
+def clean_prompt(prompt: str) -> str:
+    """The prompt as sent to the model: trimmed, 1 to 32,000 characters."""
+    text = prompt.strip()
+    if not text:
+        raise InvalidRequest("empty prompt", public_message="The image prompt is empty.")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(
+            f"prompt of {len(text)} characters",
+            public_message=f"The image prompt is too long (the limit is {MAX_PROMPT_CHARS:,} "
+            "characters).",
+        )
+    return text
+
+
+def check_size(size: object) -> str:
+    """``auto`` or ``WxH`` with multiples of 16, at most 3840x2160 in area, ratio within 3:1."""
+    if not isinstance(size, str):
+        raise _bad_option("size", 'must be "auto" or "WIDTHxHEIGHT"')
+    if size == "auto":
+        return size
+    match = _SIZE.match(size)
+    if match is None:
+        raise _bad_option("size", 'must be "auto" or "WIDTHxHEIGHT"')
+    width, height = int(match[1]), int(match[2])
+    if width % 16 or height % 16:
+        raise _bad_option("size", "width and height must be multiples of 16")
+    if max(width, height) > 3840 or width * height > 3840 * 2160:
+        raise _bad_option("size", "is larger than 3840x2160")
+    if max(width, height) > 3 * min(width, height):
+        raise _bad_option("size", "aspect ratio must be between 1:3 and 3:1")
+    return size
+
+
+def _choice(options: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in allowed:
+        raise _bad_option(key, "must be one of " + ", ".join(allowed))
+    return value
+
+
+def _bad_option(key: str, reason: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"option {key} rejected: {reason}", public_message=f"The option {key} {reason}."
+    )
+
+
+def safety_identifier(user_id: object) -> str:
+    """A stable hash of the end user's id: lets the provider track abuse without learning who."""
+    return hashlib.sha256(_SAFETY_NAMESPACE + str(user_id).encode()).hexdigest()[:32]
+
+
+def generation_params(job: ClaimedJob, *, model: str, default_size: str) -> GenerationParams:
+    """Everything the model call needs for ``job``; raises InvalidRequest with a user-safe reason."""
+    options = job.options
+    if not isinstance(options, Mapping):
+        raise InvalidRequest("options is not an object", public_message="The options are invalid.")
+    unknown = sorted(str(k) for k in options if k not in ALLOWED_OPTIONS)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown options {unknown[:5]}",
+            public_message="Unknown image option(s): "
+            + ", ".join(k[:40] for k in unknown[:5])
+            + ". Allowed: "
+            + ", ".join(ALLOWED_OPTIONS)
+            + ".",
+        )
+    size = check_size(options["size"]) if "size" in options else default_size
+    output_format = _choice(options, "output_format", tuple(IMAGE_FORMATS)) or "png"
+    background = _choice(options, "background", BACKGROUNDS)
+    if background == "transparent" and output_format == "jpeg":
+        raise _bad_option("background", "transparent needs output_format png or webp")
+    return GenerationParams(
+        model=model,
+        prompt=clean_prompt(job.prompt),
+        size=size,
+        output_format=output_format,
+        quality=_choice(options, "quality", QUALITIES),
+        background=background,
+        safety_identifier=safety_identifier(job.user_id),
+    )

@@ -1,0 +1,100 @@
+"""``image-listener ask``: insert a request exactly as a frontend would, and wait for the reply.
+
+The insert runs as the ``authenticated`` role with JWT claims set the way PostgREST sets them,
+so it passes through the same RLS policies and validation as a real frontend's insert.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+
+from core.errors import DatabaseUnavailable, InvalidRequest
+
+DEFAULT_EMAIL = "ask@image-listener.local"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The assistant reply as the frontend would see it."""
+
+    request_id: UUID
+    status: str
+    image_url: str | None
+    error: str | None
+    content: str
+    metadata: Mapping[str, Any]
+
+
+def submit(conninfo: str, prompt: str, options: Mapping[str, str], email: str) -> UUID:
+    """Create the user and chat if needed, then insert the request through RLS."""
+    try:
+        with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+            user = conn.execute(
+                "insert into auth.users (email) values (%s) on conflict (email) do update"
+                " set email = excluded.email returning id",
+                (email,),
+            ).fetchone()
+            assert user is not None
+            conn.commit()
+            with conn.transaction():
+                conn.execute("set local role authenticated")
+                conn.execute(
+                    "select set_config('request.jwt.claims', %s, true)",
+                    (json.dumps({"sub": str(user["id"]), "role": "authenticated"}),),
+                )
+                chat = conn.execute(
+                    "select id from public.chats where title = 'image-listener ask'"
+                    " order by created_at limit 1"
+                ).fetchone()
+                if chat is None:
+                    chat = conn.execute(
+                        "insert into public.chats (title) values ('image-listener ask')"
+                        " returning id"
+                    ).fetchone()
+                assert chat is not None
+                row = conn.execute(
+                    "insert into public.messages (chat_id, role, content, message_type, options)"
+                    " values (%s, 'user', %s, 'image', %s::jsonb) returning id",
+                    (chat["id"], prompt, json.dumps(dict(options))),
+                ).fetchone()
+                assert row is not None
+                request_id: UUID = row["id"]
+    except psycopg.errors.CheckViolation as exc:
+        reason = exc.diag.message_primary or "the request was rejected"
+        raise InvalidRequest(reason, public_message=reason) from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {_first_line(exc)}") from exc
+    return request_id
+
+
+def wait_for_reply(conninfo: str, request_id: UUID, timeout: float) -> Reply | None:
+    """Poll until the reply is final (complete or failed); None when ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    try:
+        with psycopg.connect(conninfo, autocommit=True, row_factory=dict_row) as conn:
+            while True:
+                row = conn.execute(
+                    "select status, image_url, error, content, metadata from public.messages"
+                    " where reply_to = %s",
+                    (request_id,),
+                ).fetchone()
+                if row is not None and row["status"] in ("complete", "failed"):
+                    return Reply(request_id=request_id, **row)
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.05)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

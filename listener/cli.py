@@ -1,0 +1,233 @@
+"""The ``image-listener`` command: migrate, run, dev, ask.
+
+Every command exits 0 on success and non-zero on failure with a one-line reason on stderr
+(``image-listener: error: ...``); secrets never appear in that line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from core.errors import ImageListenerError
+from core.ports import ImageGenerator
+from listener import embedded
+from listener.logging import configure_logging
+from listener.settings import Settings, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CommandFailed(click.ClickException):
+    """A one-line failure: ``image-listener: error: <reason>`` and exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"image-listener: error: {self.format_message()}", err=True)
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except ImageListenerError as exc:
+        raise CommandFailed(str(exc)) from exc
+    configure_logging(settings.log_format, settings.log_level, secrets=settings.secret_values())
+    return settings
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _openai_generator(settings: Settings) -> ImageGenerator:
+    from listener.openai_generator import OpenAIImageGenerator, build_openai_client
+
+    client = build_openai_client(
+        settings.require_openai_api_key(),
+        settings.openai_base_url,
+        settings.openai_timeout_seconds,
+    )
+    return OpenAIImageGenerator(client)
+
+
+def _offline_generator() -> ImageGenerator:
+    from listener.offline_generator import OfflineImageGenerator
+
+    return OfflineImageGenerator()
+
+
+def _run(settings: Settings, generator: ImageGenerator, *, drain: bool) -> None:
+    from listener.daemon import run_daemon
+
+    try:
+        asyncio.run(run_daemon(settings, generator, drain=drain))
+    except ImageListenerError as exc:
+        raise CommandFailed(_one_line(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Turn a Supabase/PostgreSQL `messages` table into an image-generation API."""
+
+
+def main() -> None:
+    """Entry point: a bug still ends with one line on stderr (its traceback goes to the log)."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("image-listener: error: aborted", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        import structlog
+
+        structlog.get_logger("listener.cli").exception("command_crashed")
+        click.echo(f"image-listener: error: unexpected {type(exc).__name__}: {_one_line(exc)}",
+                   err=True)
+        sys.exit(1)
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply migrations/ to DATABASE_URL (idempotent; records what was applied)."""
+    from listener.migrate import apply_migrations
+
+    settings = _settings()
+    try:
+        applied = apply_migrations(settings.require_database_url())
+    except ImageListenerError as exc:
+        raise CommandFailed(_one_line(exc)) from exc
+    for migration in applied:
+        click.echo(f"applied {migration.version}_{migration.name}")
+    click.echo(f"{len(applied)} migration(s) applied; the database is up to date")
+
+
+@cli.command()
+@click.option("--drain", is_flag=True, help="Exit once the queue is empty (batch jobs, tests).")
+@click.option("--offline", is_flag=True, help="Use the offline placeholder generator, not OpenAI.")
+def run(drain: bool, offline: bool) -> None:
+    """Run the daemon against DATABASE_URL until SIGTERM/SIGINT."""
+    settings = _settings()
+    try:
+        generator = _offline_generator() if offline else _openai_generator(settings)
+    except ImageListenerError as exc:
+        raise CommandFailed(_one_line(exc)) from exc
+    _run(settings, generator, drain=drain)
+
+
+@cli.command()
+@click.option("--offline", is_flag=True, help="No OpenAI key needed: draw labelled placeholders.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=embedded.DEFAULT_DATA_DIR,
+    show_default=True,
+    help="Where the embedded PostgreSQL keeps its data.",
+)
+def dev(offline: bool, data_dir: Path) -> None:
+    """Start an embedded PostgreSQL, migrate it, and run the listener on it."""
+    from listener.migrate import apply_migrations
+
+    settings = _settings()
+    if not offline and settings.openai_api_key is None:
+        raise CommandFailed(
+            "OPENAI_API_KEY is not set: set it to generate real images, "
+            "or run `image-listener dev --offline` for labelled placeholders"
+        )
+    try:
+        generator = _offline_generator() if offline else _openai_generator(settings)
+        handle, conninfo = embedded.start(data_dir)
+        applied = apply_migrations(conninfo)
+    except ImageListenerError as exc:
+        raise CommandFailed(_one_line(exc)) from exc
+    click.echo(f"embedded PostgreSQL: {conninfo}")
+    click.echo(f"migrations applied now: {len(applied)}; images go to {settings.image_dir}")
+    click.echo('try it from another terminal: image-listener ask "a lighthouse at dawn"')
+    sys.stdout.flush()
+    dev_settings = settings.model_copy(update={"database_url": conninfo})
+    try:
+        _run(dev_settings, generator, drain=False)
+    finally:
+        del handle
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--size", help='"auto" or WIDTHxHEIGHT, e.g. 1536x1024.')
+@click.option("--quality", type=click.Choice(["low", "medium", "high", "auto"]))
+@click.option("--background", type=click.Choice(["transparent", "opaque", "auto"]))
+@click.option("--output-format", type=click.Choice(["png", "jpeg", "webp"]))
+@click.option("--email", default="ask@image-listener.local", show_default=True,
+              help="The user the request is made as (created if needed).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for the final reply.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=embedded.DEFAULT_DATA_DIR,
+    show_default=True,
+    help="The embedded database to use when DATABASE_URL is not set.",
+)
+def ask(
+    prompt: str,
+    size: str | None,
+    quality: str | None,
+    background: str | None,
+    output_format: str | None,
+    email: str,
+    timeout: float,
+    data_dir: Path,
+) -> None:
+    """Insert an image request as a frontend would, wait for the reply, print it."""
+    from listener import ask as asking
+
+    settings = _settings()
+    handle = None
+    if settings.database_url is not None:
+        conninfo = settings.database_url
+    elif embedded.existing(data_dir):
+        handle, conninfo = embedded.start(data_dir)
+    else:
+        raise CommandFailed(
+            f"DATABASE_URL is not set and there is no embedded database in {data_dir}: "
+            "start `image-listener dev` first"
+        )
+    options = {
+        key: value
+        for key, value in (
+            ("size", size),
+            ("quality", quality),
+            ("background", background),
+            ("output_format", output_format),
+        )
+        if value is not None
+    }
+    try:
+        request_id = asking.submit(conninfo, prompt, options, email)
+        click.echo(f"request {request_id} queued; waiting for the reply...", err=True)
+        reply = asking.wait_for_reply(conninfo, request_id, timeout)
+    except ImageListenerError as exc:
+        raise CommandFailed(_one_line(exc)) from exc
+    finally:
+        del handle
+    if reply is None:
+        raise CommandFailed(
+            f"no final reply to request {request_id} within {timeout:g}s: is a listener running?"
+        )
+    if reply.status == "complete":
+        click.echo(f"complete {reply.image_url}")
+        return
+    raise CommandFailed(f"request {request_id} failed: {reply.error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The JobStore over a PostgreSQL connection pool: each method is one call of a queue function.
+
+Driver errors are translated here, once: connection trouble and timeouts become
+``DatabaseUnavailable`` (transient), anything else an ``OperatorError`` (a bug or a schema that
+does not match), so the worker never sees a psycopg exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from core.errors import DatabaseUnavailable, OperatorError
+from core.models import ClaimedJob
+from core.ports import WriteResult
+
+_CLAIM = "select * from public.image_jobs_claim(%s, %s, %s, %s)"
+_EXTEND = "select public.image_jobs_extend(%s, %s::uuid[], %s::integer[], %s) as request_id"
+_COMPLETE = "select public.image_jobs_complete(%s, %s, %s, %s, %s::jsonb) as result"
+_FAIL = "select public.image_jobs_fail(%s, %s, %s, %s, %s, %s, %s::jsonb) as result"
+_RELEASE = "select public.image_jobs_release(%s, %s, %s) as result"
+_NEXT_DUE = "select public.image_jobs_next_due() as due"
+
+_RESULTS = {
+    "completed": WriteResult.DONE,
+    "failed": WriteResult.DONE,
+    "retrying": WriteResult.DONE,
+    "released": WriteResult.DONE,
+    "lease_lost": WriteResult.LEASE_LOST,
+    "cancelled": WriteResult.CANCELLED,
+}
+
+
+def open_pool(conninfo: str, *, max_size: int, timeout: float) -> AsyncConnectionPool:
+    """A small pool for the queue calls; not opened yet (``await pool.open()``)."""
+    return AsyncConnectionPool(
+        conninfo,
+        min_size=1,
+        max_size=max_size,
+        timeout=timeout,
+        open=False,
+        # prepare_threshold=None keeps us compatible with PgBouncer/Supavisor transaction mode.
+        kwargs={"autocommit": True, "prepare_threshold": None},
+        check=AsyncConnectionPool.check_connection,
+        name="image-listener",
+    )
+
+
+class PgJobStore:
+    """Calls the queue's SQL functions; every call is a single autocommitted statement."""
+
+    def __init__(self, pool: AsyncConnectionPool, *, call_timeout: float) -> None:
+        self._pool = pool
+        # Bounds every call, pool wait included: a half-open socket must not hang the worker.
+        self._call_timeout = call_timeout
+
+    async def _fetch(self, query: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                async with self._pool.connection() as conn:
+                    async with conn.cursor(row_factory=dict_row) as cur:
+                        await cur.execute(query, params)
+                        return await cur.fetchall()
+        except TimeoutError as exc:
+            raise DatabaseUnavailable(
+                f"database call timed out after {self._call_timeout:g}s"
+            ) from exc
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"database call failed: {_first_line(exc)}") from exc
+        except psycopg.Error as exc:
+            raise OperatorError(f"database call rejected: {_first_line(exc)}") from exc
+
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, max_attempts: int
+    ) -> list[ClaimedJob]:
+        rows = await self._fetch(_CLAIM, (worker, limit, lease_seconds, max_attempts))
+        return [
+            ClaimedJob(
+                request_id=row["request_id"],
+                reply_id=row["reply_id"],
+                chat_id=row["chat_id"],
+                user_id=row["user_id"],
+                prompt=row["prompt"],
+                options=row["options"],
+                attempt=row["attempt"],
+                lease_expires_at=row["lease_expires_at"],
+            )
+            for row in rows
+        ]
+
+    async def extend(
+        self, worker: str, held: Sequence[tuple[UUID, int]], lease_seconds: float
+    ) -> set[UUID]:
+        if not held:
+            return set()
+        ids = [request_id for request_id, _ in held]
+        attempts = [attempt for _, attempt in held]
+        rows = await self._fetch(_EXTEND, (worker, ids, attempts, lease_seconds))
+        return {row["request_id"] for row in rows}
+
+    async def complete(
+        self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
+    ) -> WriteResult:
+        rows = await self._fetch(
+            _COMPLETE, (job.request_id, worker, job.attempt, image_url, json.dumps(metadata))
+        )
+        return _RESULTS[rows[0]["result"]]
+
+    async def fail(
+        self,
+        job: ClaimedJob,
+        worker: str,
+        *,
+        public_error: str,
+        detail: str,
+        retry_in_seconds: float | None,
+        metadata: Mapping[str, Any],
+    ) -> WriteResult:
+        rows = await self._fetch(
+            _FAIL,
+            (
+                job.request_id,
+                worker,
+                job.attempt,
+                public_error,
+                detail,
+                retry_in_seconds,
+                json.dumps(metadata),
+            ),
+        )
+        return _RESULTS[rows[0]["result"]]
+
+    async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
+        rows = await self._fetch(_RELEASE, (job.request_id, worker, job.attempt))
+        return _RESULTS[rows[0]["result"]]
+
+    async def next_due(self) -> datetime | None:
+        rows = await self._fetch(_NEXT_DUE, ())
+        due = rows[0]["due"]
+        return due if isinstance(due, datetime) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

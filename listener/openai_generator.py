@@ -1,0 +1,246 @@
+"""The real :class:`core.ports.ImageGenerator`: OpenAI's Images API through the official SDK.
+
+This is the boundary where SDK errors become :mod:`core.errors`: every ``openai.OpenAIError``
+is translated once, here, with ``raise ... from exc``. Error ``detail`` holds what an operator
+needs to follow up (status, provider code and type, param, provider request id) and never the
+provider's free text or any header, so neither a key nor a prompt can leak into logs through it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import openai
+from openai.types import ImagesResponse
+
+from core.errors import (
+    ImageListenerError,
+    InvalidRequest,
+    OperatorError,
+    PolicyRefusal,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from core.models import IMAGE_FORMATS, GeneratedImage, GenerationParams, TokenUsage
+
+#: Used when no base URL is configured, so the SDK never falls back to ``OPENAI_BASE_URL``:
+#: configuration is read in one place (the CLI settings), not by libraries behind our back.
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: Connecting should be quick even when generating is slow; a dead host fails in seconds.
+_CONNECT_TIMEOUT_SECONDS = 10.0
+
+#: 429 codes/types that mean "no money left", which waiting does not fix.
+BILLING_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "billing_hard_limit_reached",
+        "billing_not_active",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+    }
+)
+
+#: 400 codes of the provider's safety system (GPT Image, and the DALL-E era code).
+MODERATION_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+
+# Only a plain identifier is echoed to users as the rejected option's name.
+_SAFE_PARAM = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+def build_openai_client(
+    api_key: str, base_url: str | None, timeout_seconds: float
+) -> openai.AsyncOpenAI:
+    """An SDK client whose own retries are off: :mod:`core.retry` is the only retry layer.
+
+    ``timeout_seconds`` bounds each read/write; it must exceed a whole generation, since the
+    API sends nothing until the image is done.
+    """
+    if not math.isfinite(timeout_seconds) or timeout_seconds <= 0:
+        raise ValueError(f"timeout_seconds must be a positive number, got {timeout_seconds!r}")
+    return openai.AsyncOpenAI(
+        api_key=api_key,
+        base_url=base_url or DEFAULT_BASE_URL,
+        timeout=openai.Timeout(
+            timeout_seconds, connect=min(timeout_seconds, _CONNECT_TIMEOUT_SECONDS)
+        ),
+        max_retries=0,
+    )
+
+
+class OpenAIImageGenerator:
+    """Generates one image per call with ``client.images.generate``; raises only core errors."""
+
+    def __init__(self, client: openai.AsyncOpenAI) -> None:
+        self._client = client
+
+    async def generate(self, params: GenerationParams) -> GeneratedImage:
+        """One call, no retries; SDK errors come out as :mod:`core.errors` types."""
+        try:
+            response = await self._client.images.generate(
+                prompt=params.prompt, model=params.model, n=1, **_optional(params)
+            )
+        except openai.OpenAIError as exc:
+            raise translate_openai_error(exc, secret=self._client.api_key) from exc
+        return _to_generated_image(response, params)
+
+
+def _optional(params: GenerationParams) -> dict[str, Any]:
+    """The optional parameters that are set: omitted ones stay out of the request body."""
+    values = {
+        "size": params.size,
+        "output_format": params.output_format,
+        "quality": params.quality,
+        "background": params.background,
+        "safety_identifier": params.safety_identifier,
+    }
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _to_generated_image(response: ImagesResponse, params: GenerationParams) -> GeneratedImage:
+    request_id = response._request_id
+    data = _decode_image(response, request_id)
+    output_format = response.output_format or params.output_format
+    if output_format not in IMAGE_FORMATS:
+        output_format = params.output_format
+    usage = response.usage
+    return GeneratedImage(
+        data=data,
+        output_format=output_format,
+        usage=TokenUsage(
+            input_tokens=usage.input_tokens if usage else None,
+            output_tokens=usage.output_tokens if usage else None,
+            total_tokens=usage.total_tokens if usage else None,
+        ),
+        provider_request_id=request_id,
+    )
+
+
+def _decode_image(response: ImagesResponse, request_id: str | None) -> bytes:
+    """The first image's bytes. GPT Image models always answer in base64, never with a URL.
+
+    A 200 without usable image data is a provider fault, not the user's: it is reported as
+    transient, so the next call (which the API bills separately) gets a chance.
+    """
+    encoded = response.data[0].b64_json if response.data else None
+    if not encoded:
+        raise ProviderUnavailable(
+            f"openai images.generate returned no b64_json image (request_id={request_id})"
+        )
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderUnavailable(
+            f"openai images.generate returned invalid base64 image data (request_id={request_id})"
+        ) from exc
+    if not data:
+        raise ProviderUnavailable(
+            f"openai images.generate returned an empty image (request_id={request_id})"
+        )
+    return data
+
+
+def translate_openai_error(exc: openai.OpenAIError, *, secret: str = "") -> ImageListenerError:
+    """Map an SDK error onto the core error tree (the caller raises it ``from exc``).
+
+    ``secret`` (the API key) is scrubbed from the detail as a last guard, although the detail
+    is built only from short provider fields that should never contain it.
+    """
+    error = _translate(exc)
+    if secret and secret in error.detail:
+        error.detail = error.detail.replace(secret, "[redacted]")
+        error.args = (error.detail,)
+    return error
+
+
+def _translate(exc: openai.OpenAIError) -> ImageListenerError:
+    # APITimeoutError subclasses APIConnectionError, so it is checked first.
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderTimeout("openai images.generate timed out before the provider answered")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unknown"
+        return ProviderUnavailable(f"openai images.generate connection failed ({cause})")
+    if isinstance(exc, openai.APIStatusError):
+        return _translate_status(exc)
+    if isinstance(exc, openai.APIError):
+        # A body-level error without an HTTP status (e.g. an error event in a stream).
+        detail = f"openai images.generate failed: {_describe(exc)}"
+        if exc.code in MODERATION_CODES:
+            return PolicyRefusal(detail)
+        return ProviderUnavailable(detail)
+    # Raised before any request (e.g. missing credentials): our configuration is wrong.
+    return OperatorError(f"openai client error ({type(exc).__name__})")
+
+
+def _translate_status(exc: openai.APIStatusError) -> ImageListenerError:
+    status = exc.status_code
+    detail = f"openai images.generate failed: {_describe(exc)}"
+    if status == 429:
+        if exc.code in BILLING_CODES or exc.type in BILLING_CODES:
+            return OperatorError(detail)
+        retry_after = parse_retry_after(exc.response.headers)
+        return RateLimited(f"{detail} retry_after={retry_after}", retry_after=retry_after)
+    if status >= 500 or status in (408, 409):
+        return ProviderUnavailable(detail)
+    if status == 400 and exc.code in MODERATION_CODES:
+        return PolicyRefusal(detail)
+    if status in (400, 413, 422):
+        if exc.param == "model":
+            # The configured model was rejected: operators must pick another, users cannot.
+            return OperatorError(detail)
+        return InvalidRequest(detail, public_message=_invalid_request_message(exc.param))
+    # 401 bad key, 403 no access or unverified organisation, 404 unknown/retired model or wrong
+    # base URL, and any other 4xx: nothing the user can change.
+    return OperatorError(detail)
+
+
+def _describe(exc: openai.APIError) -> str:
+    """Operator detail from short structured fields only: never the message, never headers."""
+    status = getattr(exc, "status_code", None)
+    request_id = getattr(exc, "request_id", None)
+    return (
+        f"status={status} code={exc.code} type={exc.type} param={exc.param} request_id={request_id}"
+    )
+
+
+def _invalid_request_message(param: str | None) -> str:
+    if param and _SAFE_PARAM.match(param):
+        return f"The image request is not valid: the '{param}' option was rejected."
+    return InvalidRequest.public_message
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the provider asked us to wait: ``retry-after-ms``, else ``retry-after``.
+
+    ``retry-after`` may be seconds (OpenAI sends floats) or an HTTP date. Unparseable,
+    negative or non-finite values give ``None``/``0`` rather than an absurd wait.
+    """
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return max(0.0, value / divisor)
+    raw_date = headers.get("retry-after")
+    if raw_date is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(raw_date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, parsed.timestamp() - current)

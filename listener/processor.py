@@ -1,0 +1,190 @@
+"""Carry one claimed request from prompt to final reply: generate, store, write back.
+
+The decisions (parameters, retry or give up, reply metadata) come from ``core``; this module
+only performs them in order and logs one summary line per attempt. It never lets an error
+escape except cancellation: every failure becomes a fenced ``fail`` write.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError
+from core.models import ClaimedJob, object_path
+from core.outcome import completion_metadata, failure_metadata
+from core.ports import ImageGenerator, ImageStorage, JobStore, WriteResult
+from core.retry import GiveUp, RetryPolicy, decide_after_failure
+from core.validation import generation_params
+from listener.logging import prompt_fields
+
+log = structlog.get_logger("listener.processor")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """The settings one attempt needs."""
+
+    worker_id: str
+    model: str
+    default_size: str
+    max_attempts: int
+    lease_seconds: float
+    log_prompts: bool
+    retry_policy: RetryPolicy
+
+
+class JobProcessor:
+    """Runs one attempt of one job; ``process`` returns the outcome name that was logged."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        generator: ImageGenerator,
+        storage: ImageStorage,
+        config: ProcessorConfig,
+        clock: Callable[[], float] = time.monotonic,
+        rand: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._generator = generator
+        self._storage = storage
+        self._config = config
+        self._clock = clock
+        self._rand = rand or random.Random()
+
+    async def process(self, job: ClaimedJob) -> str:
+        started = self._clock()
+        # Each job runs in its own task, hence its own context copy: these fields reach every
+        # log line of this attempt, the provider retries' included.
+        structlog.contextvars.bind_contextvars(
+            request_id=str(job.request_id), attempt=job.attempt
+        )
+        bound = log.bind(
+            model=self._config.model, **prompt_fields(job.prompt, self._config.log_prompts)
+        )
+        try:
+            outcome = await self._attempt(job, started)
+        except ImageListenerError as exc:
+            outcome = await self._record_failure(job, exc, started, bound)
+        except Exception as exc:  # a bug of ours: keep the stack for operators, not the user
+            bound.exception("request_attempt_crashed")
+            outcome = await self._record_failure(job, exc, started, bound)
+        else:
+            bound.info(
+                "request_finished",
+                outcome=outcome,
+                duration_ms=round((self._clock() - started) * 1000),
+            )
+        return outcome
+
+    async def _attempt(self, job: ClaimedJob, started: float) -> str:
+        config = self._config
+        params = generation_params(job, model=config.model, default_size=config.default_size)
+        image = await self._generator.generate(params)
+        # Fence before touching storage: a worker that lost its lease must not overwrite the
+        # image the new holder may already have stored at the same path.
+        held = await self._store.extend(
+            config.worker_id, [(job.request_id, job.attempt)], config.lease_seconds
+        )
+        if job.request_id not in held:
+            return "lease_lost_before_store"
+        stored = await self._storage.store(object_path(job, image.output_format), image)
+        metadata = completion_metadata(
+            params,
+            image,
+            stored,
+            attempt=job.attempt,
+            duration_seconds=self._clock() - started,
+        )
+        result = await self._write(
+            lambda: self._store.complete(job, config.worker_id, stored.url, metadata)
+        )
+        if result is WriteResult.CANCELLED:
+            # The request was deleted while we worked: leave nothing behind.
+            await self._storage.remove(stored.location)
+            return "cancelled"
+        if result is WriteResult.LEASE_LOST:
+            return "lease_lost"
+        return "complete"
+
+    async def _write(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A final write survives a database blip: retried for up to half a lease.
+
+        Safe to repeat: the write is fenced, so a repeat after a lost reply only reports
+        ``lease_lost`` and changes nothing. If the database stays away, the error escapes, the
+        lease runs out and another attempt takes the job.
+        """
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DatabaseUnavailable),
+            stop=stop_after_delay(self._config.lease_seconds / 2),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            reraise=True,
+        ):
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _record_failure(
+        self,
+        job: ClaimedJob,
+        error: BaseException,
+        started: float,
+        bound: structlog.typing.FilteringBoundLogger,
+    ) -> str:
+        config = self._config
+        decision = decide_after_failure(
+            error, job.attempt, config.max_attempts, config.retry_policy, self._rand
+        )
+        detail = error.detail if isinstance(error, ImageListenerError) else type(error).__name__
+        code = error.code if isinstance(error, ImageListenerError) else "internal_error"
+        duration = self._clock() - started
+        if isinstance(decision, GiveUp):
+            public_error, retry_in = decision.public_message, None
+            code = decision.code
+        else:
+            public_error, retry_in = error_public_message(error), decision.delay_seconds
+        metadata = failure_metadata(code, attempt=job.attempt, duration_seconds=duration)
+        result = await self._write(
+            lambda: self._store.fail(
+                job,
+                config.worker_id,
+                public_error=public_error,
+                detail=detail,
+                retry_in_seconds=retry_in,
+                metadata=metadata,
+            )
+        )
+        if result is WriteResult.DONE:
+            outcome = "failed" if retry_in is None else "retrying"
+        else:
+            outcome = result.value
+        fields = {
+            "outcome": outcome,
+            "error_code": code,
+            "error_detail": detail,
+            "duration_ms": round(duration * 1000),
+        }
+        if retry_in is not None:
+            fields["retry_in_s"] = round(retry_in, 3)
+        if isinstance(error, OperatorError):
+            # Bad key, unknown model, no quota: the user got a polite reply, operators must act.
+            bound.error("operator_action_required", **fields)
+        else:
+            bound.info("request_finished", **fields)
+        return outcome
+
+
+def error_public_message(error: BaseException) -> str:
+    """User-safe text for ``error``: only our own errors carry vetted text."""
+    if isinstance(error, ImageListenerError):
+        return error.public_message
+    return ImageListenerError.public_message

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -20,6 +20,9 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 REDACTED = "[REDACTED]"
 LOG_FORMATS = ("auto", "json", "console")
+
+#: a processor that hands the event dict on (structlog's ``Processor`` may also return text)
+EventDictProcessor = Callable[[WrappedLogger, str, EventDict], EventDict]
 
 #: libraries whose INFO/DEBUG output is noise for an operator
 NOISY_LIBRARIES = (
@@ -39,7 +42,7 @@ class _ListenerHandler(logging.StreamHandler[TextIO]):
     """Our root handler, a class of its own so a second configure_logging replaces it."""
 
 
-def redact_secrets(secrets: Iterable[str]) -> Processor:
+def redact_secrets(secrets: Iterable[str]) -> EventDictProcessor:
     """A processor that replaces every occurrence of ``secrets`` in string values with [REDACTED].
 
     A last line of defence: code must not log secrets in the first place. Values that are not

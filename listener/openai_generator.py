@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import json
 import math
 import re
 import time
@@ -92,6 +93,12 @@ class OpenAIImageGenerator:
             )
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, secret=self._client.api_key) from exc
+        except json.JSONDecodeError as exc:
+            # The SDK lets a 2xx body that is not JSON escape untranslated; a proxy error page
+            # or a truncated answer is the provider side's fault and may not repeat.
+            raise ProviderUnavailable(
+                "openai images.generate returned a response body that is not valid JSON"
+            ) from exc
         return _to_generated_image(response, params)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.fake_openai import FakeOpenAI
 from tests.pg import PostgresServer, connect
 
 
@@ -36,3 +37,10 @@ def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     """An autocommit superuser connection to the test's database."""
     with connect(database_url) as conn:
         yield conn
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """The local OpenAI-compatible server the real SDK talks to over HTTP."""
+    with FakeOpenAI() as server:
+        yield server

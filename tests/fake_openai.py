@@ -41,6 +41,7 @@ Directives (anywhere in the prompt, each in its own brackets)::
           | hang         wait ``seconds`` (default 30) without answering, then close
           | bad-b64      200 whose b64_json is not base64
           | no-data      200 with an empty ``data`` list
+          | bad-json     200 whose body is not JSON
           | ok           a normal success
     KEY  := retry-after (seconds) | retry-after-ms | code | type | param | seconds
 
@@ -72,7 +73,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
@@ -100,7 +101,7 @@ class DirectiveError(ValueError):
 class Step:
     """What the server does for one call."""
 
-    kind: str  # ok | error | drop | hang | bad-b64 | no-data
+    kind: str  # ok | error | drop | hang | bad-b64 | no-data | bad-json
     status: int = 200
     code: str | None = None
     type: str | None = None
@@ -169,6 +170,7 @@ _NAMED_STEPS: dict[str, Step] = {
     "hang": Step("hang"),
     "bad-b64": Step("bad-b64"),
     "no-data": Step("no-data"),
+    "bad-json": Step("bad-json"),
     "ok": Step("ok"),
 }
 
@@ -178,6 +180,8 @@ def parse_step(text: str) -> Step:
     head, *options = text.split(":")
     if re.fullmatch(r"\d{3}", head):
         status = int(head)
+        if status < 400:
+            raise DirectiveError(f"an error step needs a 4xx/5xx status, got {status}")
         code, type_, message = _ERRORS.get(
             status,
             _SERVER_ERROR if status >= 500 else (None, "invalid_request_error", "Scripted error."),
@@ -200,7 +204,7 @@ def parse_step(text: str) -> Step:
             changes["seconds"] = _number(value)
         else:
             raise DirectiveError(f"unknown step option {key!r}")
-    return Step(**{**step.__dict__, **changes})
+    return replace(step, **changes)
 
 
 def parse_directives(prompt: str) -> Script:
@@ -302,7 +306,7 @@ class FakeOpenAI:
             self._httpd = _Server(self._address, _Handler, self)
             self._thread = threading.Thread(
                 target=self._httpd.serve_forever,
-                kwargs={"poll_interval": 0.05},
+                kwargs={"poll_interval": 0.01},
                 name="fake-openai",
                 daemon=True,
             )
@@ -511,8 +515,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if step.kind == "error":
             if step.status == 401 and step.message:
-                step = Step(**{**step.__dict__, "message": step.message.format(masked=_mask(key))})
+                step = replace(step, message=step.message.format(masked=_mask(key)))
             raise _Reply(step)
+        if step.kind == "bad-json":
+            self._send_raw(200, b'{"created": 1, "data": [', "application/json")
+            return
         width, height = _validate(body, prompt)
         fake._sleep(fake._generation_delay())
         self._send_image(body, prompt, width, height, step.kind)
@@ -560,9 +567,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(step.status, {"error": error}, headers)
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        encoded = json.dumps(payload).encode()
+        self._send_raw(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send_raw(
+        self,
+        status: int,
+        encoded: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(encoded)))
         self.send_header("x-request-id", f"req_fake_{uuid.uuid4().hex}")
         for name, value in (headers or {}).items():

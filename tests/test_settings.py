@@ -207,7 +207,7 @@ def test_secret_values_feed_the_log_redactor() -> None:
 def test_settings_are_frozen() -> None:
     settings = load_settings({})
     with pytest.raises(ValidationError):
-        settings.concurrency = 10  # type: ignore[misc]
+        settings.concurrency = 10
 
 
 def test_require_helpers_name_the_missing_variable() -> None:

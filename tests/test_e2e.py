@@ -1,0 +1,192 @@
+"""The real CLI in subprocesses against the real database and the fake OpenAI server over HTTP:
+what an operator and a frontend would see, including signals and crashes."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from core.png import read_png_size
+from tests.daemon_process import API_KEY, Daemon, cli, listener_env
+from tests.fake_openai import FakeOpenAI
+from tests.pg import PostgresServer
+from tests.queue_helpers import insert_request, job_of, new_chat, reply_of
+
+pytestmark = pytest.mark.e2e
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+@pytest.fixture
+def env(database_url: str, fake_openai: FakeOpenAI, tmp_path: Path) -> dict[str, str]:
+    return listener_env(database_url, fake_openai.base_url, tmp_path / "images")
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Every daemon a test starts is killed at the end, whatever happened."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.stop()
+
+
+def start(daemons: list[Daemon], env: dict[str, str], *args: str) -> Daemon:
+    daemon = Daemon(env, *args)
+    daemons.append(daemon)
+    daemon.wait_for_event("listening")
+    return daemon
+
+
+def wait_final(db: Conn, request_id: uuid.UUID, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = reply_of(db, request_id)
+        if replies and replies[0]["status"] in ("complete", "failed"):
+            assert len(replies) == 1
+            return replies[0]
+        time.sleep(0.05)
+    raise AssertionError(
+        f"request {request_id} not final after {timeout}s: {reply_of(db, request_id)}"
+    )
+
+
+def test_ask_gets_a_complete_reply_with_a_png_of_the_requested_size(
+    env: dict[str, str], daemons: list[Daemon], tmp_path: Path
+) -> None:
+    daemon = start(daemons, env)
+    started = time.monotonic()
+    result = cli("ask", "a lighthouse at dawn", "--size", "1024x1536", "--timeout", "20", env=env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    status, url = result.stdout.strip().split(" ", 1)
+    assert status == "complete"
+    path = Path(url.removeprefix("file://"))
+    assert path.is_relative_to((tmp_path / "images").resolve())
+    assert read_png_size(path.read_bytes()) == (1024, 1536)
+    assert elapsed < 20
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    log = daemon.output()
+    assert API_KEY not in log
+    assert "lighthouse" not in log, "prompts are logged as length + hash by default"
+    assert '"prompt_sha256"' in log
+
+
+def test_rows_inserted_while_the_listener_was_down_are_served_on_start(
+    env: dict[str, str], daemons: list[Daemon], db: Conn
+) -> None:
+    user, chat = new_chat(db)
+    requests = [insert_request(db, user, chat, f"backlog {i}") for i in range(5)]
+    start(daemons, env)
+    for request in requests:
+        assert wait_final(db, request)["status"] == "complete"
+
+
+def test_sigterm_lets_in_flight_generation_finish_then_exits_zero(
+    env: dict[str, str], daemons: list[Daemon], db: Conn, fake_openai: FakeOpenAI
+) -> None:
+    daemon = start(daemons, env)
+    user, chat = new_chat(db)
+    prompt = "slow one [fake:delay=1.5]"
+    request = insert_request(db, user, chat, prompt)
+    _wait_until(lambda: fake_openai.calls(prompt) == 1)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert wait_final(db, request, timeout=1)["status"] == "complete"
+    assert job_of(db, request) is None
+
+
+def test_sigterm_past_the_grace_period_releases_the_job_for_the_next_listener(
+    env: dict[str, str], daemons: list[Daemon], db: Conn, fake_openai: FakeOpenAI
+) -> None:
+    short_grace = {**env, "IMAGE_LISTENER_SHUTDOWN_GRACE_SECONDS": "0.3"}
+    daemon = start(daemons, short_grace)
+    user, chat = new_chat(db)
+    prompt = "very slow [fake:delay=3]"
+    request = insert_request(db, user, chat, prompt)
+    _wait_until(lambda: fake_openai.calls(prompt) == 1)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    job = job_of(db, request)
+    assert job is not None and job["state"] == "queued" and job["attempts"] == 0
+    start(daemons, env)
+    reply = wait_final(db, request)
+    assert reply["status"] == "complete" and reply["metadata"]["attempt"] == 1
+
+
+def test_kill_9_mid_generation_then_restart_gives_exactly_one_complete_reply(
+    env: dict[str, str], daemons: list[Daemon], db: Conn, fake_openai: FakeOpenAI
+) -> None:
+    daemon = start(daemons, env)
+    user, chat = new_chat(db)
+    prompt = "doomed first try [fake:delay=2]"
+    request = insert_request(db, user, chat, prompt)
+    _wait_until(lambda: fake_openai.calls(prompt) == 1)
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    start(daemons, env)
+    reply = wait_final(db, request, timeout=30)
+    assert reply["status"] == "complete"
+    assert reply["metadata"]["attempt"] == 2  # the crashed attempt counted
+    assert len(reply_of(db, request)) == 1
+    assert job_of(db, request) is None
+
+
+def test_run_refuses_an_unmigrated_database_with_one_line(
+    pg_server: PostgresServer, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    name = pg_server.empty()
+    try:
+        env = listener_env(pg_server.dsn(name), fake_openai.base_url, tmp_path)
+        result = cli("run", env=env)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1
+        assert "image-listener migrate" in result.stderr
+        migrated = cli("migrate", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        assert "3 migration(s) applied" in migrated.stdout
+        again = cli("migrate", env=env)
+        assert again.returncode == 0 and "0 migration(s) applied" in again.stdout
+    finally:
+        pg_server.drop(name)
+
+
+@pytest.mark.parametrize(
+    ("change", "variable"),
+    [
+        ({"OPENAI_API_KEY": ""}, "OPENAI_API_KEY"),
+        ({"IMAGE_LISTENER_CONCURRENCY": "many"}, "IMAGE_LISTENER_CONCURRENCY"),
+        ({"IMAGE_LISTENER_LEASE_SECONDS": "-1"}, "IMAGE_LISTENER_LEASE_SECONDS"),
+        ({"DATABASE_URL": ""}, "DATABASE_URL"),
+    ],
+)
+def test_bad_settings_stop_start_up_naming_the_variable(
+    env: dict[str, str], change: dict[str, str], variable: str
+) -> None:
+    result = cli("run", env={**env, **change})
+    assert result.returncode == 1
+    assert variable in result.stderr
+    assert result.stderr.startswith("image-listener: error:")
+    assert result.stderr.count("\n") == 1
+    assert API_KEY not in result.stderr
+
+
+def test_ask_reports_a_rejected_request_clearly(env: dict[str, str], daemons: list[Daemon]) -> None:
+    result = cli("ask", "   ", env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "image-listener: error: the image prompt is empty"
+
+
+def _wait_until(condition: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)

@@ -44,10 +44,9 @@ def completion_metadata(
 
 
 def failure_metadata(code: str, *, attempt: int, duration_seconds: float) -> dict[str, Any]:
-    """The reply's ``metadata`` after a failed attempt (the operator detail stays in the job row)."""
+    """Reply ``metadata`` after a failed attempt (operator detail stays in the job row)."""
     return {
         "error_code": code,
         "attempt": attempt,
         "duration_ms": round(duration_seconds * 1000),
     }
-

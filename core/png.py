@@ -40,7 +40,7 @@ def solid_png(
     *,
     text: Mapping[str, str] | None = None,
 ) -> bytes:
-    """A one-colour PNG of the given size (cheap even at 1024x1024: it compresses to almost nothing)."""
+    """A one-colour PNG of the given size (cheap even at 1024x1024: it compresses to nothing)."""
     return encode_png(width, height, bytes(color) * (width * height), text=text)
 
 
@@ -53,7 +53,7 @@ def read_png_size(data: bytes) -> tuple[int, int]:
 
 
 def read_png_text(data: bytes) -> dict[str, str]:
-    """The tEXt chunks of a PNG as a dict (used to tell an offline placeholder from a real image)."""
+    """The tEXt chunks of a PNG (they tell an offline placeholder from a real image)."""
     if not data.startswith(_SIGNATURE):
         raise ValueError("not a PNG image")
     found: dict[str, str] = {}

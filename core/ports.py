@@ -1,10 +1,10 @@
-"""The I/O the pipeline needs, as small Protocols: one real implementation each lives in listener/."""
+"""The I/O the pipeline needs, as small Protocols; the real implementations live in listener/."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -20,7 +20,7 @@ class ImageGenerator(Protocol):
 
 
 class ImageStorage(Protocol):
-    """Keeps generated images. ``store`` overwrites the same path, so a retried attempt never duplicates."""
+    """Keeps generated images; ``store`` overwrites the same path, so a retry never duplicates."""
 
     async def store(self, path: str, image: GeneratedImage) -> StoredImage:
         """Write ``image`` at ``path`` (built by :func:`core.models.object_path`)."""
@@ -31,7 +31,7 @@ class ImageStorage(Protocol):
         ...
 
 
-class WriteResult(str, Enum):
+class WriteResult(StrEnum):
     """What a fenced write did: only ``DONE`` means the row changed."""
 
     DONE = "done"

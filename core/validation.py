@@ -77,7 +77,7 @@ def safety_identifier(user_id: object) -> str:
 
 
 def generation_params(job: ClaimedJob, *, model: str, default_size: str) -> GenerationParams:
-    """Everything the model call needs for ``job``; raises InvalidRequest with a user-safe reason."""
+    """Everything the model call needs; raises InvalidRequest with a user-safe reason."""
     options = job.options
     if not isinstance(options, Mapping):
         raise InvalidRequest("options is not an object", public_message="The options are invalid.")

@@ -91,8 +91,9 @@ def main() -> None:
         import structlog
 
         structlog.get_logger("listener.cli").exception("command_crashed")
-        click.echo(f"image-listener: error: unexpected {type(exc).__name__}: {_one_line(exc)}",
-                   err=True)
+        click.echo(
+            f"image-listener: error: unexpected {type(exc).__name__}: {_one_line(exc)}", err=True
+        )
         sys.exit(1)
 
 
@@ -166,10 +167,19 @@ def dev(offline: bool, data_dir: Path) -> None:
 @click.option("--quality", type=click.Choice(["low", "medium", "high", "auto"]))
 @click.option("--background", type=click.Choice(["transparent", "opaque", "auto"]))
 @click.option("--output-format", type=click.Choice(["png", "jpeg", "webp"]))
-@click.option("--email", default="ask@image-listener.local", show_default=True,
-              help="The user the request is made as (created if needed).")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="Seconds to wait for the final reply.")
+@click.option(
+    "--email",
+    default="ask@image-listener.local",
+    show_default=True,
+    help="The user the request is made as (created if needed).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for the final reply.",
+)
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path, file_okay=False),

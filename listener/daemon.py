@@ -44,7 +44,7 @@ async def check_migrated(conninfo: str) -> None:
 
         try:
             with psycopg.connect(conninfo, connect_timeout=10) as conn:
-                return migrate.pending(conn)  # type: ignore[arg-type]
+                return migrate.pending(conn)
         except psycopg.Error as exc:
             raise DatabaseUnavailable(
                 f"cannot reach the database: {str(exc).strip().splitlines()[0]}"

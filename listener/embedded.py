@@ -30,7 +30,9 @@ def start(data_dir: Path) -> tuple[Any, str]:
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every pg_ctl call
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        server = pgserver.get_server(pg_data_dir(data_dir).resolve(), cleanup_mode="stop")
+        server = pgserver.get_server(  # type: ignore[attr-defined]
+            pg_data_dir(data_dir).resolve(), cleanup_mode="stop"
+        )
     except Exception as exc:
         raise OperatorError(f"cannot start the embedded PostgreSQL in {data_dir}: {exc}") from exc
     return server, str(server.get_uri())

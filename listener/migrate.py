@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -61,7 +62,7 @@ def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return found
 
 
-def applied_versions(conn: psycopg.Connection[object]) -> set[str]:
+def applied_versions(conn: psycopg.Connection[Any]) -> set[str]:
     """Versions recorded as applied (empty when the history table does not exist yet)."""
     exists = conn.execute(
         "select to_regclass('supabase_migrations.schema_migrations') is not null"
@@ -72,7 +73,7 @@ def applied_versions(conn: psycopg.Connection[object]) -> set[str]:
     return {str(row[0]) for row in rows}
 
 
-def pending(conn: psycopg.Connection[object], directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def pending(conn: psycopg.Connection[Any], directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     """Migrations not applied yet on this database."""
     done = applied_versions(conn)
     return [m for m in discover(directory) if m.version not in done]
@@ -100,7 +101,7 @@ def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Mi
     return applied
 
 
-def _apply_one(conn: psycopg.Connection[object], migration: Migration) -> None:
+def _apply_one(conn: psycopg.Connection[Any], migration: Migration) -> None:
     try:
         with conn.transaction():
             conn.execute(migration.sql.encode("utf-8"))

@@ -65,9 +65,7 @@ class JobProcessor:
         started = self._clock()
         # Each job runs in its own task, hence its own context copy: these fields reach every
         # log line of this attempt, the provider retries' included.
-        structlog.contextvars.bind_contextvars(
-            request_id=str(job.request_id), attempt=job.attempt
-        )
+        structlog.contextvars.bind_contextvars(request_id=str(job.request_id), attempt=job.attempt)
         bound = log.bind(
             model=self._config.model, **prompt_fields(job.prompt, self._config.log_prompts)
         )

@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         default="gpt-image-2.6-flare",
         validation_alias=_env("MODEL"),
         min_length=1,
-        description="Image model used when a request does not name one",
+        description="GPT Image model used for every request",
     )
     concurrency: int = Field(
         default=4,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
@@ -60,7 +61,7 @@ class Worker:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
-        """Claim and process until ``stop`` is set (or, with ``drain``, until the queue is empty)."""
+        """Claim and process until ``stop`` is set (with ``drain``: until the queue is empty)."""
         renewer = asyncio.create_task(self._renew_leases(stop), name="lease-renewer")
         try:
             await self._claim_loop(stop, drain)
@@ -88,7 +89,7 @@ class Worker:
                     failures += 1
                     delay = min(0.25 * 2**failures, self._config.poll_seconds)
                     log.warning("claim_failed", reason=exc.detail, retry_in_s=delay)
-                    await _wait_any(stop, self._wake, timeout=delay)
+                    await _wait_any(stop, self._wake, seconds=delay)
                     continue
                 failures = 0
                 self.last_claim_ok = datetime.now(UTC)
@@ -118,13 +119,13 @@ class Worker:
             if due is not None:
                 until_due = (due - datetime.now(UTC)).total_seconds()
                 timeout = max(0.0, min(timeout, until_due + 0.01))
-        await _wait_any(stop, self._wake, timeout=timeout)
+        await _wait_any(stop, self._wake, seconds=timeout)
 
     def _start(self, job: ClaimedJob) -> None:
         self.claimed_total += 1
         task = asyncio.create_task(self._processor.process(job), name=f"job-{job.request_id}")
         self._running[job.request_id] = (job, task)
-        task.add_done_callback(lambda t, rid=job.request_id: self._finished(rid, t))
+        task.add_done_callback(functools.partial(self._finished, job.request_id))
 
     def _finished(self, request_id: UUID, task: asyncio.Task[str]) -> None:
         entry = self._running.get(request_id)
@@ -191,11 +192,11 @@ class Worker:
         )
 
 
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, *, timeout: float) -> None:
-    """Sleep until ``stop`` or ``wake`` is set, or ``timeout`` passes."""
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, *, seconds: float) -> None:
+    """Sleep until ``stop`` or ``wake`` is set, or ``seconds`` pass."""
     waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()

@@ -115,10 +115,13 @@ def test_sigterm_past_the_grace_period_releases_the_job_for_the_next_listener(
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
     job = job_of(db, request)
-    assert job is not None and job["state"] == "queued" and job["attempts"] == 0
+    assert job is not None
+    assert job["state"] == "queued"
+    assert job["attempts"] == 0
     start(daemons, env)
     reply = wait_final(db, request)
-    assert reply["status"] == "complete" and reply["metadata"]["attempt"] == 1
+    assert reply["status"] == "complete"
+    assert reply["metadata"]["attempt"] == 1
 
 
 def test_kill_9_mid_generation_then_restart_gives_exactly_one_complete_reply(
@@ -153,7 +156,8 @@ def test_run_refuses_an_unmigrated_database_with_one_line(
         assert migrated.returncode == 0, migrated.stderr
         assert "3 migration(s) applied" in migrated.stdout
         again = cli("migrate", env=env)
-        assert again.returncode == 0 and "0 migration(s) applied" in again.stdout
+        assert again.returncode == 0
+        assert "0 migration(s) applied" in again.stdout
     finally:
         pg_server.drop(name)
 

@@ -48,7 +48,8 @@ def fail(
 
 def expire_leases(conn: Conn) -> None:
     conn.execute(
-        "update image_queue.jobs set lease_expires_at = now() - interval '1 second' where state = 'running'"
+        "update image_queue.jobs set lease_expires_at = now() - interval '1 second'"
+        " where state = 'running'"
     )
 
 
@@ -68,7 +69,9 @@ def test_claim_leases_job_counts_attempt_and_creates_generating_reply(db: Conn) 
         "image",
     )
     row = job_of(db, request)
-    assert row is not None and row["state"] == "running" and row["lease_holder"] == "w1"
+    assert row is not None
+    assert row["state"] == "running"
+    assert row["lease_holder"] == "w1"
     assert claim(db, "w2") == []  # leased: nobody else gets it
 
 
@@ -100,15 +103,18 @@ def test_expired_lease_is_taken_over_and_old_holder_is_fenced(db: Conn) -> None:
     [first] = claim(db, "slow")
     expire_leases(db)
     [second] = claim(db, "fast")
-    assert second["request_id"] == request and second["attempt"] == 2
+    assert second["request_id"] == request
+    assert second["attempt"] == 2
     # The slow worker wakes up and tries to finish: nothing changes.
     assert complete(db, request, "slow", first["attempt"], "file:///stale.png") == "lease_lost"
     assert fail(db, request, "slow", first["attempt"], None) == "lease_lost"
     [reply] = reply_of(db, request)
-    assert reply["status"] == "generating" and reply["image_url"] is None
+    assert reply["status"] == "generating"
+    assert reply["image_url"] is None
     assert complete(db, request, "fast", second["attempt"], "file:///fresh.png") == "completed"
     [reply] = reply_of(db, request)
-    assert reply["status"] == "complete" and reply["image_url"] == "file:///fresh.png"
+    assert reply["status"] == "complete"
+    assert reply["image_url"] == "file:///fresh.png"
     assert reply["content"] == 'Image generated from prompt: "a red fox in the snow"'
     assert job_of(db, request) is None  # no job left behind
     # And after completion the stale holder still cannot overwrite.
@@ -134,11 +140,14 @@ def test_fail_with_retry_requeues_later_and_keeps_reply_generating(db: Conn) -> 
     [job] = claim(db, "w")
     assert fail(db, request, "w", job["attempt"], 3600) == "retrying"
     row = job_of(db, request)
-    assert row is not None and row["state"] == "queued" and row["lease_holder"] is None
+    assert row is not None
+    assert row["state"] == "queued"
+    assert row["lease_holder"] is None
     assert row["last_error"] == "HTTP 500 from provider"
     assert claim(db, "w") == []  # not due for an hour
     [reply] = reply_of(db, request)
-    assert reply["status"] == "generating" and "retry_at" in reply["metadata"]
+    assert reply["status"] == "generating"
+    assert "retry_at" in reply["metadata"]
     assert reply["error"] is None  # operator detail never reaches the user's row
     db.execute("update image_queue.jobs set run_at = now()")
     [again] = claim(db, "w")
@@ -153,7 +162,8 @@ def test_fail_without_retry_gives_up_with_user_safe_error(db: Conn) -> None:
     [reply] = reply_of(db, request)
     assert reply["status"] == "failed"
     assert reply["error"] == "Try again later."
-    assert "HTTP 500" not in reply["content"] and "HTTP 500" not in reply["error"]
+    assert "HTTP 500" not in reply["content"]
+    assert "HTTP 500" not in reply["error"]
     assert job_of(db, request) is None
 
 
@@ -181,7 +191,8 @@ def test_release_requeues_without_counting_the_attempt(db: Conn) -> None:
     row = db.execute(
         "select public.image_jobs_release(%s, 'w', %s) as r", (request, job["attempt"])
     ).fetchone()
-    assert row is not None and row["r"] == "released"
+    assert row is not None
+    assert row["r"] == "released"
     [again] = claim(db, "w2")
     assert again["attempt"] == 1
 
@@ -202,7 +213,8 @@ def test_extend_renews_only_leases_still_held(db: Conn) -> None:
     remaining = db.execute(
         "select %s - now() > interval '500 seconds' as ok", (held["lease_expires_at"],)
     ).fetchone()
-    assert remaining is not None and remaining["ok"]
+    assert remaining is not None
+    assert remaining["ok"]
 
 
 def test_deleting_the_request_cancels_job_and_reply_and_late_writes_report_cancelled(

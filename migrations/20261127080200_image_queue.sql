@@ -59,10 +59,12 @@ create trigger messages_enqueue_image_request
   when (new.role = 'user' and new.message_type = 'image')
   execute function image_queue.enqueue_image_request();
 
--- Claim up to p_limit due jobs: queued ones whose run_at has come, and running ones whose
--- lease expired (their worker died or stalled). A job already claimed p_max_attempts times is
--- not handed out again: it ends here with a failed reply, so a request that crashes every
--- worker that touches it cannot block the queue forever.
+-- Claim up to p_limit due jobs: running ones whose lease expired (their worker died or
+-- stalled) first, then queued ones whose run_at has come, oldest first. Each half walks its
+-- own partial index in order and stops at the limit, so a claim stays cheap with a deep
+-- backlog. A job already claimed p_max_attempts times is not handed out again: it ends here
+-- with a failed reply, so a request that crashes every worker that touches it cannot block
+-- the queue forever (such jobs count against p_limit; the caller simply claims again).
 create function public.image_jobs_claim(
   p_worker text,
   p_limit integer,
@@ -85,7 +87,8 @@ set search_path = ''
 as $$
 #variable_conflict use_column
 declare
-  exhausted uuid[];
+  picked uuid[];
+  queued uuid[];
 begin
   if p_worker is null or p_worker = '' then
     raise exception 'p_worker must name the claiming worker' using errcode = 'invalid_parameter_value';
@@ -96,51 +99,57 @@ begin
       using errcode = 'invalid_parameter_value';
   end if;
 
-  with gone as (
-    delete from image_queue.jobs j
-    where j.request_id in (
-      select d.request_id from image_queue.jobs d
-      where d.attempts >= p_max_attempts
-        and ((d.state = 'queued' and d.run_at <= now())
-             or (d.state = 'running' and d.lease_expires_at <= now()))
-      for update skip locked
-    )
-    returning j.request_id, j.chat_id, j.attempts
-  ), replied as (
-    insert into public.messages as m (chat_id, role, content, message_type, status, error, reply_to, metadata)
-    select g.chat_id, 'assistant',
-           'The image could not be generated: the request failed ' || g.attempts || ' times.',
-           'image', 'failed',
-           'The image could not be generated: the request failed ' || g.attempts || ' times.',
-           g.request_id,
-           jsonb_build_object('error_code', 'attempts_exhausted', 'attempts', g.attempts)
-    from gone g
-    on conflict (reply_to) where reply_to is not null do update
-      set status = excluded.status, error = excluded.error, content = excluded.content,
-          image_url = null, metadata = m.metadata || excluded.metadata
-    returning m.reply_to
-  )
-  select array_agg(r.reply_to) into exhausted from replied r;
-
-  return query
-  with picked as (
+  select coalesce(array_agg(e.request_id), '{}') into picked
+  from (
     select j.request_id from image_queue.jobs j
-    where j.attempts < p_max_attempts
-      and ((j.state = 'queued' and j.run_at <= now())
-           or (j.state = 'running' and j.lease_expires_at <= now()))
-    order by j.run_at, j.created_at
+    where j.state = 'running' and j.lease_expires_at <= now()
+    order by j.lease_expires_at
     limit p_limit
     for update skip locked
-  ), leased as (
+  ) e;
+  if cardinality(picked) < p_limit then
+    select coalesce(array_agg(q.request_id), '{}') into queued
+    from (
+      select j.request_id from image_queue.jobs j
+      where j.state = 'queued' and j.run_at <= now()
+      order by j.run_at
+      limit p_limit - cardinality(picked)
+      for update skip locked
+    ) q;
+    picked := picked || queued;
+  end if;
+  if cardinality(picked) = 0 then
+    return;
+  end if;
+
+  with gone as (
+    delete from image_queue.jobs j
+    where j.request_id = any (picked) and j.attempts >= p_max_attempts
+    returning j.request_id, j.chat_id, j.attempts
+  )
+  insert into public.messages as m (chat_id, role, content, message_type, status, error, reply_to, metadata)
+  select g.chat_id, 'assistant',
+         'The image could not be generated: the request failed ' || g.attempts || ' times.',
+         'image', 'failed',
+         'The image could not be generated: the request failed ' || g.attempts || ' times.',
+         g.request_id,
+         jsonb_build_object('error_code', 'attempts_exhausted', 'attempts', g.attempts)
+  from gone g
+  on conflict (reply_to) where reply_to is not null do update
+    set status = excluded.status, error = excluded.error, content = excluded.content,
+        image_url = null, metadata = (m.metadata - 'retry_at') || excluded.metadata;
+
+  return query
+  with leased as (
     update image_queue.jobs j
     set state = 'running',
         attempts = j.attempts + 1,
         lease_holder = p_worker,
         lease_expires_at = now() + make_interval(secs => p_lease_seconds),
         updated_at = now()
-    from picked
-    where j.request_id = picked.request_id
-    returning j.request_id, j.chat_id, j.user_id, j.attempts, j.lease_expires_at
+    where j.request_id = any (picked) and j.attempts < p_max_attempts
+    returning j.request_id, j.chat_id, j.user_id, j.attempts, j.lease_expires_at, j.run_at,
+              j.created_at
   ), replies as (
     insert into public.messages as m (chat_id, role, content, message_type, status, reply_to, metadata)
     select l.chat_id, 'assistant', 'Generating image...', 'image', 'generating', l.request_id,
@@ -154,7 +163,8 @@ begin
   select l.request_id, r.id, l.chat_id, l.user_id, q.content, q.options, l.attempts, l.lease_expires_at
   from leased l
   join replies r on r.reply_to = l.request_id
-  join public.messages q on q.id = l.request_id;
+  join public.messages q on q.id = l.request_id
+  order by l.run_at, l.created_at;
 end
 $$;
 

@@ -194,3 +194,76 @@ def _wait_until(condition: Any, timeout: float = 15) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def test_listen_connection_killed_is_rebuilt_and_wakeups_stay_fast(
+    env: dict[str, str], daemons: list[Daemon], db: Conn
+) -> None:
+    """A broken LISTEN connection is noticed and rebuilt; wake-ups do not fall back to polling."""
+    slow_poll = {
+        **env,
+        "IMAGE_LISTENER_POLL_SECONDS": "30",
+        "IMAGE_LISTENER_LISTEN_PROBE_SECONDS": "1",
+    }
+    daemon = start(daemons, slow_poll)
+    killed = db.execute(
+        "select pg_terminate_backend(pid) as ok from pg_stat_activity"
+        " where datname = current_database() and query ilike 'listen %'"
+    ).fetchall()
+    assert killed and all(row["ok"] for row in killed)
+    event = daemon.wait_for_event("listening", timeout=15)
+    assert event["connects"] == 2
+    user, chat = new_chat(db)
+    request = insert_request(db, user, chat, "after the reconnect")
+    # With a 30 s poll, only a working LISTEN answers within a few seconds.
+    assert wait_final(db, request, timeout=5)["status"] == "complete"
+
+
+def test_sigint_stops_the_daemon_cleanly(env: dict[str, str], daemons: list[Daemon]) -> None:
+    daemon = start(daemons, env)
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait() == 0
+    assert '"shutdown_requested"' in daemon.output()
+
+
+def test_dev_offline_serves_ask_with_a_labelled_placeholder(tmp_path: Path) -> None:
+    """The newcomer path: `dev --offline` on an embedded PostgreSQL, then `ask` against it."""
+    import subprocess
+    import sys
+
+    from core.png import read_png_text
+
+    env = listener_env("", "", tmp_path / "images")
+    for key in ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(key)
+    data_dir = tmp_path / "d"
+    no_key = cli("dev", "--data-dir", str(data_dir), env=env)
+    assert no_key.returncode == 1
+    assert "OPENAI_API_KEY" in no_key.stderr and "--offline" in no_key.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "listener.cli", "dev", "--offline", "--data-dir", str(data_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if '"listening"' in line:
+                break
+        result = cli("ask", "a quiet harbour", "--data-dir", str(data_dir), env=env)
+        assert result.returncode == 0, result.stderr
+        status, url = result.stdout.strip().split(" ", 1)
+        assert status == "complete"
+        png = Path(url.removeprefix("file://")).read_bytes()
+        assert read_png_size(png) == (1024, 1024)
+        assert "offline placeholder" in read_png_text(png)["Description"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

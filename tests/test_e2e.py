@@ -210,7 +210,8 @@ def test_listen_connection_killed_is_rebuilt_and_wakeups_stay_fast(
         "select pg_terminate_backend(pid) as ok from pg_stat_activity"
         " where datname = current_database() and query ilike 'listen %'"
     ).fetchall()
-    assert killed and all(row["ok"] for row in killed)
+    assert killed
+    assert all(row["ok"] for row in killed)
     event = daemon.wait_for_event("listening", timeout=15)
     assert event["connects"] == 2
     user, chat = new_chat(db)
@@ -239,7 +240,8 @@ def test_dev_offline_serves_ask_with_a_labelled_placeholder(tmp_path: Path) -> N
     data_dir = tmp_path / "d"
     no_key = cli("dev", "--data-dir", str(data_dir), env=env)
     assert no_key.returncode == 1
-    assert "OPENAI_API_KEY" in no_key.stderr and "--offline" in no_key.stderr
+    assert "OPENAI_API_KEY" in no_key.stderr
+    assert "--offline" in no_key.stderr
     proc = subprocess.Popen(
         [sys.executable, "-m", "listener.cli", "dev", "--offline", "--data-dir", str(data_dir)],
         env=env,

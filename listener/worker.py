@@ -62,14 +62,18 @@ class Worker:
 
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
         """Claim and process until ``stop`` is set (with ``drain``: until the queue is empty)."""
-        renewer = asyncio.create_task(self._renew_leases(stop), name="lease-renewer")
+        renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
         try:
             await self._claim_loop(stop, drain)
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            await self._shutdown()
+            try:
+                # Leases stay renewed through the grace period, or a peer could take over
+                # (and generate again) work that is about to finish here.
+                await self._shutdown()
+            finally:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
 
     async def _claim_loop(self, stop: asyncio.Event, drain: bool) -> None:
         failures = 0
@@ -142,7 +146,7 @@ class Worker:
             )
         self._wake.set()
 
-    async def _renew_leases(self, stop: asyncio.Event) -> None:
+    async def _renew_leases(self) -> None:
         interval = self._config.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)

@@ -269,3 +269,23 @@ def test_dev_offline_serves_ask_with_a_labelled_placeholder(tmp_path: Path) -> N
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_lease_is_renewed_while_generating_and_while_draining(
+    env: dict[str, str], daemons: list[Daemon], db: Conn, fake_openai: FakeOpenAI
+) -> None:
+    """A generation longer than the lease, then a SIGTERM: a second listener never takes it."""
+    short_lease = {**env, "IMAGE_LISTENER_LEASE_SECONDS": "1.5"}
+    first = start(daemons, short_lease)
+    user, chat = new_chat(db)
+    prompt = "longer than the lease [fake:delay=5]"
+    request = insert_request(db, user, chat, prompt)
+    _wait_until(lambda: fake_openai.calls(prompt) == 1)
+    start(daemons, short_lease)
+    time.sleep(2)  # past the first lease: only renewal keeps it
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    reply = wait_final(db, request, timeout=5)
+    assert reply["status"] == "complete"
+    assert reply["metadata"]["attempt"] == 1
+    assert fake_openai.calls(prompt) == 1, "no second generation"

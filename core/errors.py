@@ -107,3 +107,9 @@ class DatabaseUnavailable(TransientError):
     """The database could not be reached or the call timed out; the same call may work later."""
 
     code = "database_unavailable"
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text (driver errors append multi-line context)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -16,7 +16,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 
-from core.errors import DatabaseUnavailable, InvalidRequest
+from core.errors import DatabaseUnavailable, InvalidRequest, first_line
 
 DEFAULT_EMAIL = "ask@image-listener.local"
 
@@ -71,7 +71,7 @@ def submit(conninfo: str, prompt: str, options: Mapping[str, str], email: str) -
         reason = exc.diag.message_primary or "the request was rejected"
         raise InvalidRequest(reason, public_message=reason) from exc
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot reach the database: {_first_line(exc)}") from exc
+        raise DatabaseUnavailable(f"cannot reach the database: {first_line(exc)}") from exc
     return request_id
 
 
@@ -92,9 +92,4 @@ def wait_for_reply(conninfo: str, request_id: UUID, timeout: float) -> Reply | N
                     return None
                 time.sleep(0.05)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot reach the database: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise DatabaseUnavailable(f"cannot reach the database: {first_line(exc)}") from exc

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from core.errors import ImageListenerError
+from core.errors import ImageListenerError, first_line
 from core.ports import ImageGenerator
 from listener import embedded
 from listener.logging import configure_logging
@@ -37,11 +37,6 @@ def _settings() -> Settings:
         raise CommandFailed(str(exc)) from exc
     configure_logging(settings.log_format, settings.log_level, secrets=settings.secret_values())
     return settings
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _openai_generator(settings: Settings) -> ImageGenerator:
@@ -67,7 +62,7 @@ def _run(settings: Settings, generator: ImageGenerator, *, drain: bool) -> None:
     try:
         asyncio.run(run_daemon(settings, generator, drain=drain))
     except ImageListenerError as exc:
-        raise CommandFailed(_one_line(exc)) from exc
+        raise CommandFailed(first_line(exc)) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,7 +87,7 @@ def main() -> None:
 
         structlog.get_logger("listener.cli").exception("command_crashed")
         click.echo(
-            f"image-listener: error: unexpected {type(exc).__name__}: {_one_line(exc)}", err=True
+            f"image-listener: error: unexpected {type(exc).__name__}: {first_line(exc)}", err=True
         )
         sys.exit(1)
 
@@ -106,7 +101,7 @@ def migrate() -> None:
     try:
         applied = apply_migrations(settings.require_database_url())
     except ImageListenerError as exc:
-        raise CommandFailed(_one_line(exc)) from exc
+        raise CommandFailed(first_line(exc)) from exc
     for migration in applied:
         click.echo(f"applied {migration.version}_{migration.name}")
     click.echo(f"{len(applied)} migration(s) applied; the database is up to date")
@@ -121,7 +116,7 @@ def run(drain: bool, offline: bool) -> None:
     try:
         generator = _offline_generator() if offline else _openai_generator(settings)
     except ImageListenerError as exc:
-        raise CommandFailed(_one_line(exc)) from exc
+        raise CommandFailed(first_line(exc)) from exc
     _run(settings, generator, drain=drain)
 
 
@@ -149,7 +144,7 @@ def dev(offline: bool, data_dir: Path) -> None:
         handle, conninfo = embedded.start(data_dir)
         applied = apply_migrations(conninfo)
     except ImageListenerError as exc:
-        raise CommandFailed(_one_line(exc)) from exc
+        raise CommandFailed(first_line(exc)) from exc
     click.echo(f"embedded PostgreSQL: {conninfo}")
     click.echo(f"migrations applied now: {len(applied)}; images go to {settings.image_dir}")
     click.echo('try it from another terminal: image-listener ask "a lighthouse at dawn"')
@@ -226,7 +221,7 @@ def ask(
         click.echo(f"request {request_id} queued; waiting for the reply...", err=True)
         reply = asking.wait_for_reply(conninfo, request_id, timeout)
     except ImageListenerError as exc:
-        raise CommandFailed(_one_line(exc)) from exc
+        raise CommandFailed(first_line(exc)) from exc
     finally:
         del handle
     if reply is None:

@@ -13,7 +13,7 @@ import socket
 
 import structlog
 
-from core.errors import DatabaseUnavailable, OperatorError
+from core.errors import DatabaseUnavailable, OperatorError, first_line
 from core.ports import ImageGenerator
 from core.retry import RetryPolicy
 from listener import migrate
@@ -46,9 +46,7 @@ async def check_migrated(conninfo: str) -> None:
             with psycopg.connect(conninfo, connect_timeout=10) as conn:
                 return migrate.pending(conn)
         except psycopg.Error as exc:
-            raise DatabaseUnavailable(
-                f"cannot reach the database: {str(exc).strip().splitlines()[0]}"
-            ) from exc
+            raise DatabaseUnavailable(f"cannot reach the database: {first_line(exc)}") from exc
 
     missing = await asyncio.to_thread(_pending)
     if missing:

@@ -18,7 +18,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from core.errors import DatabaseUnavailable, OperatorError
+from core.errors import DatabaseUnavailable, OperatorError, first_line
 from core.models import ClaimedJob
 from core.ports import WriteResult
 
@@ -74,9 +74,9 @@ class PgJobStore:
                 f"database call timed out after {self._call_timeout:g}s"
             ) from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise DatabaseUnavailable(f"database call failed: {_first_line(exc)}") from exc
+            raise DatabaseUnavailable(f"database call failed: {first_line(exc)}") from exc
         except psycopg.Error as exc:
-            raise OperatorError(f"database call rejected: {_first_line(exc)}") from exc
+            raise OperatorError(f"database call rejected: {first_line(exc)}") from exc
 
     async def claim(
         self, worker: str, limit: int, lease_seconds: float, max_attempts: int
@@ -146,8 +146,3 @@ class PgJobStore:
         rows = await self._fetch(_NEXT_DUE, ())
         due = rows[0]["due"]
         return due if isinstance(due, datetime) else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

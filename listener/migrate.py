@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from core.errors import OperatorError
+from core.errors import OperatorError, first_line
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _FILE_NAME = re.compile(r"^(?P<version>\d{14})_(?P<name>[a-z0-9_]+)\.sql$")
@@ -97,7 +97,7 @@ def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Mi
             finally:
                 conn.execute("select pg_advisory_unlock(hashtext(%s))", (_LOCK_KEY,))
     except psycopg.Error as exc:
-        raise MigrationError(f"migration failed: {_first_line(exc)}") from exc
+        raise MigrationError(f"migration failed: {first_line(exc)}") from exc
     return applied
 
 
@@ -112,10 +112,5 @@ def _apply_one(conn: psycopg.Connection[Any], migration: Migration) -> None:
             )
     except psycopg.Error as exc:
         raise MigrationError(
-            f"migration {migration.version}_{migration.name} failed: {_first_line(exc)}"
+            f"migration {migration.version}_{migration.name} failed: {first_line(exc)}"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

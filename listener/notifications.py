@@ -15,7 +15,7 @@ from collections.abc import Callable
 import psycopg
 import structlog
 
-from core.errors import DatabaseUnavailable
+from core.errors import DatabaseUnavailable, first_line
 
 CHANNEL = "image_requests"
 log = structlog.get_logger("listener.notifications")
@@ -58,7 +58,7 @@ class PgNotificationSource:
             async with asyncio.timeout(self._probe_timeout):
                 conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         except (TimeoutError, psycopg.Error) as exc:
-            raise DatabaseUnavailable(f"cannot open LISTEN connection: {_first_line(exc)}") from exc
+            raise DatabaseUnavailable(f"cannot open LISTEN connection: {first_line(exc)}") from exc
         try:
             async with conn:
                 await conn.execute(f"listen {CHANNEL}")
@@ -76,7 +76,7 @@ class PgNotificationSource:
                     if not got_any and not stop.is_set():
                         await self._probe(conn)
         except (TimeoutError, psycopg.Error) as exc:
-            raise DatabaseUnavailable(f"LISTEN connection failed: {_first_line(exc)}") from exc
+            raise DatabaseUnavailable(f"LISTEN connection failed: {first_line(exc)}") from exc
 
     async def _probe(self, conn: psycopg.AsyncConnection[object]) -> None:
         async with asyncio.timeout(self._probe_timeout):
@@ -88,8 +88,3 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
     except TimeoutError:
         pass
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -8,7 +8,11 @@
     └── PermanentError            another try gives the same answer
         ├── InvalidRequest        the user's request cannot be served as asked
         ├── PolicyRefusal         the provider's safety system refused the prompt
+        ├── UnsafeStoragePath     a storage path that would escape its root (a bug)
         └── OperatorError         our configuration is wrong (bad key, unknown model, no quota)
+            └── StorageMisconfigured
+
+    TransientError also has DatabaseUnavailable and StorageUnavailable.
 
 Lower errors (SDK, driver, filesystem) are translated at the boundary with ``raise ... from exc``.
 Every error carries ``public_message``: text that is safe to show the end user (no key, no stack,
@@ -107,6 +111,26 @@ class DatabaseUnavailable(TransientError):
     """The database could not be reached or the call timed out; the same call may work later."""
 
     code = "database_unavailable"
+
+
+class StorageUnavailable(TransientError):
+    """Image storage failed (disk full, I/O error, storage service down); may work later."""
+
+    public_message = "The image could not be saved right now. Please try again later."
+    code = "storage_unavailable"
+
+
+class StorageMisconfigured(OperatorError):
+    """Image storage refuses us (permissions, read-only filesystem, missing bucket, bad key)."""
+
+    code = "storage_misconfigured"
+
+
+class UnsafeStoragePath(PermanentError):
+    """A storage path that is malformed or would leave the image directory: a bug, never retried."""
+
+    public_message = "The image could not be stored."
+    code = "unsafe_storage_path"
 
 
 def first_line(exc: BaseException) -> str:

@@ -29,6 +29,23 @@ class ClaimedJob:
     attempt: int
     lease_expires_at: datetime
 
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ClaimedJob:
+        """Build from a claim row, whether the driver decoded it or it came as JSON (PostgREST)."""
+        expires = row["lease_expires_at"]
+        return cls(
+            request_id=_uuid(row["request_id"]),
+            reply_id=_uuid(row["reply_id"]),
+            chat_id=_uuid(row["chat_id"]),
+            user_id=_uuid(row["user_id"]),
+            prompt=str(row["prompt"]),
+            options=row["options"] if row["options"] is not None else {},
+            attempt=int(row["attempt"]),
+            lease_expires_at=expires
+            if isinstance(expires, datetime)
+            else datetime.fromisoformat(str(expires)),
+        )
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -79,6 +96,12 @@ class StoredImage:
     location: str
     content_type: str
     size_bytes: int
+    #: the Supabase Storage bucket, when there is one (with ``location`` it allows re-signing)
+    bucket: str | None = None
+
+
+def _uuid(value: object) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))
 
 
 def object_path(job: ClaimedJob, output_format: str) -> str:

@@ -35,6 +35,7 @@ def completion_metadata(
         "attempt": attempt,
         "duration_ms": round(duration_seconds * 1000),
         "storage": {
+            "bucket": stored.bucket,
             "location": stored.location,
             "content_type": stored.content_type,
             "bytes": stored.size_bytes,

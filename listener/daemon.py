@@ -1,5 +1,13 @@
 """Assemble the daemon from settings and run it until SIGTERM/SIGINT (or, in drain mode, until
-the queue is empty): pool, job store, notifications, generator, storage, worker.
+the queue is empty). The mode decides the transports; the worker is the same in all of them:
+
+==========  ==========================  =======================  ========================
+mode        queue calls                 wake-ups                 images
+==========  ==========================  =======================  ========================
+postgres    SQL over DATABASE_URL       LISTEN/NOTIFY            local directory
+supabase    PostgREST rpc (service key) Supabase Realtime        Supabase Storage
+hybrid      SQL over DATABASE_URL       LISTEN/NOTIFY            Supabase Storage
+==========  ==========================  =======================  ========================
 """
 
 from __future__ import annotations
@@ -10,25 +18,53 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
+import psycopg
 import structlog
+from supabase import AsyncClient
 
-from core.errors import DatabaseUnavailable, OperatorError, first_line
-from core.ports import ImageGenerator
+from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError, first_line
+from core.ports import ImageGenerator, ImageStorage, JobStore
 from core.retry import RetryPolicy
 from listener import migrate
 from listener.job_store import PgJobStore, open_pool
 from listener.local_storage import LocalDirectoryStorage
 from listener.notifications import PgNotificationSource
 from listener.processor import JobProcessor, ProcessorConfig
+from listener.realtime_wakeups import RealtimeWakeupSource
 from listener.retrying import RetryingGenerator
 from listener.settings import Settings
+from listener.supabase_client import supabase_client
+from listener.supabase_job_store import SupabaseJobStore
+from listener.supabase_storage import SupabaseStorage
 from listener.worker import Worker, WorkerConfig
 
 log = structlog.get_logger("listener.daemon")
 
-#: bound on any single database call of the worker (claim, renew, complete, fail)
+#: bound on any single queue call of the worker (claim, renew, complete, fail)
 DB_CALL_TIMEOUT_SECONDS = 10.0
+
+
+class WakeupSource(Protocol):
+    """Tells the worker something may be claimable: a hint, never the work itself."""
+
+    healthy: bool
+
+    async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        """Call ``wake()`` on every hint and after every reconnect, until ``stop`` is set."""
+        ...
+
+
+@dataclass
+class Transports:
+    """The I/O one mode uses."""
+
+    store: JobStore
+    wakeups: WakeupSource
+    storage: ImageStorage
 
 
 def default_worker_id() -> str:
@@ -40,8 +76,6 @@ async def check_migrated(conninfo: str) -> None:
     """Refuse to start against a database that lacks the contract (or is behind this release)."""
 
     def _pending() -> list[migrate.Migration]:
-        import psycopg
-
         try:
             with psycopg.connect(conninfo, connect_timeout=10) as conn:
                 return migrate.pending(conn)
@@ -53,8 +87,19 @@ async def check_migrated(conninfo: str) -> None:
         names = ", ".join(f"{m.version}_{m.name}" for m in missing)
         raise OperatorError(
             f"the database is missing {len(missing)} migration(s) ({names}): "
-            "run `image-listener migrate` first"
+            "run `image-listener migrate` (or `supabase db push`) first"
         )
+
+
+async def check_rpc_ready(store: SupabaseJobStore) -> None:
+    """Over PostgREST: the queue functions exist and this key may execute them."""
+    try:
+        await store.next_due()
+    except OperatorError as exc:
+        raise OperatorError(
+            f"{exc.detail}: are the migrations applied (`supabase db push`) and is "
+            "SUPABASE_SERVICE_ROLE_KEY the service-role key?"
+        ) from exc
 
 
 async def run_daemon(
@@ -65,81 +110,130 @@ async def run_daemon(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run until stopped. Signals set ``stop``; in-flight work gets the grace period."""
-    conninfo = settings.require_database_url()
+    mode = settings.mode()
     stop = stop or asyncio.Event()
     worker_id = settings.worker_id or default_worker_id()
     structlog.contextvars.bind_contextvars(worker=worker_id)
-    await check_migrated(conninfo)
-
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, stop, signum)
-
-    pool = open_pool(conninfo, max_size=min(settings.concurrency + 2, 10), timeout=10)
     try:
-        await pool.open(wait=True, timeout=30)
-    except Exception as exc:
-        raise DatabaseUnavailable(f"cannot open the database pool: {exc}") from exc
-    try:
-        store = PgJobStore(pool, call_timeout=DB_CALL_TIMEOUT_SECONDS)
-        policy = RetryPolicy(tries_per_attempt=settings.tries_per_attempt)
-        processor = JobProcessor(
-            store=store,
-            generator=RetryingGenerator(generator, policy, on_retry=_log_retry),
-            storage=LocalDirectoryStorage(settings.image_dir, settings.image_base_url),
-            config=ProcessorConfig(
-                worker_id=worker_id,
-                model=settings.model,
-                default_size=settings.default_size,
-                max_attempts=settings.max_attempts,
-                lease_seconds=settings.lease_seconds,
-                log_prompts=settings.log_prompts,
-                retry_policy=policy,
-            ),
-        )
-        worker = Worker(
-            store=store,
-            processor=processor,
-            config=WorkerConfig(
-                worker_id=worker_id,
-                concurrency=settings.concurrency,
-                lease_seconds=settings.lease_seconds,
-                max_attempts=settings.max_attempts,
-                poll_seconds=settings.poll_seconds,
-                shutdown_grace_seconds=settings.shutdown_grace_seconds,
-            ),
-        )
-        notifications = PgNotificationSource(
-            conninfo,
-            probe_seconds=settings.listen_probe_seconds,
-            probe_timeout=min(5.0, settings.listen_probe_seconds),
-        )
-        log.info("daemon_started", **{**settings.log_fields(), "worker_id": worker_id}, drain=drain)
-        listen_task = asyncio.create_task(
-            _supervise(notifications, worker, stop), name="notifications"
-        )
-        try:
-            await worker.run(stop, drain=drain)
-        finally:
-            listen_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listen_task
-        log.info("daemon_stopped", claimed=worker.claimed_total)
+        async with contextlib.AsyncExitStack() as resources:
+            supabase: AsyncClient | None = None
+            if mode in ("supabase", "hybrid"):
+                url, key = settings.require_supabase()
+                supabase = await resources.enter_async_context(
+                    supabase_client(url, key, http_timeout=DB_CALL_TIMEOUT_SECONDS * 6)
+                )
+            transports = await _transports(settings, mode, supabase, resources)
+            await _run_worker(settings, generator, transports, worker_id, mode, drain, stop)
     finally:
-        await pool.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
 
-async def _supervise(source: PgNotificationSource, worker: Worker, stop: asyncio.Event) -> None:
-    """Keep the notification source alive: if it ever dies of a bug, say so and restart it."""
+async def _transports(
+    settings: Settings,
+    mode: str,
+    supabase: AsyncClient | None,
+    resources: contextlib.AsyncExitStack,
+) -> Transports:
+    probe_timeout = min(5.0, settings.listen_probe_seconds)
+    store: JobStore
+    wakeups: WakeupSource
+    storage: ImageStorage
+    if mode in ("postgres", "hybrid"):
+        conninfo = settings.require_database_url()
+        await check_migrated(conninfo)
+        pool = open_pool(conninfo, max_size=min(settings.concurrency + 2, 10), timeout=10)
+        try:
+            await pool.open(wait=True, timeout=30)
+        except Exception as exc:
+            raise DatabaseUnavailable(f"cannot open the database pool: {exc}") from exc
+        resources.push_async_callback(pool.close)
+        store = PgJobStore(pool, call_timeout=DB_CALL_TIMEOUT_SECONDS)
+        wakeups = PgNotificationSource(
+            conninfo, probe_seconds=settings.listen_probe_seconds, probe_timeout=probe_timeout
+        )
+    else:
+        assert supabase is not None
+        url, key = settings.require_supabase()
+        rpc_store = SupabaseJobStore(supabase, call_timeout=DB_CALL_TIMEOUT_SECONDS)
+        await check_rpc_ready(rpc_store)
+        store = rpc_store
+        wakeups = RealtimeWakeupSource(
+            url, key, probe_seconds=settings.listen_probe_seconds, probe_timeout=probe_timeout
+        )
+    if supabase is not None:
+        storage = SupabaseStorage(
+            supabase,
+            bucket=settings.storage_bucket,
+            signed_url_seconds=settings.signed_url_seconds,
+        )
+    else:
+        storage = LocalDirectoryStorage(settings.image_dir, settings.image_base_url)
+    return Transports(store=store, wakeups=wakeups, storage=storage)
+
+
+async def _run_worker(
+    settings: Settings,
+    generator: ImageGenerator,
+    transports: Transports,
+    worker_id: str,
+    mode: str,
+    drain: bool,
+    stop: asyncio.Event,
+) -> None:
+    policy = RetryPolicy(tries_per_attempt=settings.tries_per_attempt)
+    processor = JobProcessor(
+        store=transports.store,
+        generator=RetryingGenerator(generator, policy, on_retry=_log_retry),
+        storage=transports.storage,
+        config=ProcessorConfig(
+            worker_id=worker_id,
+            model=settings.model,
+            default_size=settings.default_size,
+            max_attempts=settings.max_attempts,
+            lease_seconds=settings.lease_seconds,
+            log_prompts=settings.log_prompts,
+            retry_policy=policy,
+        ),
+    )
+    worker = Worker(
+        store=transports.store,
+        processor=processor,
+        config=WorkerConfig(
+            worker_id=worker_id,
+            concurrency=settings.concurrency,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+            poll_seconds=settings.poll_seconds,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        ),
+    )
+    log.info(
+        "daemon_started",
+        **{**settings.log_fields(), "worker_id": worker_id, "mode": mode, "drain": drain},
+    )
+    wakeup_task = asyncio.create_task(_supervise(transports.wakeups, worker, stop), name="wakeups")
+    try:
+        await worker.run(stop, drain=drain)
+    finally:
+        wakeup_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await wakeup_task
+    log.info("daemon_stopped", claimed=worker.claimed_total)
+
+
+async def _supervise(source: WakeupSource, worker: Worker, stop: asyncio.Event) -> None:
+    """Keep the wake-up source alive: if it ever dies of a bug, say so and restart it."""
     while not stop.is_set():
         try:
             await source.run(worker.wake, stop)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("notification_source_crashed")
+            log.exception("wakeup_source_crashed")
             worker.wake()  # polling covers the gap; claim now in case something was missed
             await asyncio.sleep(1.0)
 
@@ -156,5 +250,5 @@ def _log_retry(error: BaseException, retry_number: int, delay: float) -> None:
         "provider_retry",
         retry=retry_number,
         delay_s=round(delay, 3),
-        error_code=getattr(error, "code", type(error).__name__),
+        error_code=error.code if isinstance(error, ImageListenerError) else type(error).__name__,
     )

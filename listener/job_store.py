@@ -29,7 +29,8 @@ _FAIL = "select public.image_jobs_fail(%s, %s, %s, %s, %s, %s, %s::jsonb) as res
 _RELEASE = "select public.image_jobs_release(%s, %s, %s) as result"
 _NEXT_DUE = "select public.image_jobs_next_due() as due"
 
-_RESULTS = {
+#: what the queue functions return -> what the worker needs to know
+WRITE_RESULTS = {
     "completed": WriteResult.DONE,
     "failed": WriteResult.DONE,
     "retrying": WriteResult.DONE,
@@ -82,19 +83,7 @@ class PgJobStore:
         self, worker: str, limit: int, lease_seconds: float, max_attempts: int
     ) -> list[ClaimedJob]:
         rows = await self._fetch(_CLAIM, (worker, limit, lease_seconds, max_attempts))
-        return [
-            ClaimedJob(
-                request_id=row["request_id"],
-                reply_id=row["reply_id"],
-                chat_id=row["chat_id"],
-                user_id=row["user_id"],
-                prompt=row["prompt"],
-                options=row["options"],
-                attempt=row["attempt"],
-                lease_expires_at=row["lease_expires_at"],
-            )
-            for row in rows
-        ]
+        return [ClaimedJob.from_row(row) for row in rows]
 
     async def extend(
         self, worker: str, held: Sequence[tuple[UUID, int]], lease_seconds: float
@@ -112,7 +101,7 @@ class PgJobStore:
         rows = await self._fetch(
             _COMPLETE, (job.request_id, worker, job.attempt, image_url, json.dumps(metadata))
         )
-        return _RESULTS[rows[0]["result"]]
+        return WRITE_RESULTS[rows[0]["result"]]
 
     async def fail(
         self,
@@ -136,11 +125,11 @@ class PgJobStore:
                 json.dumps(metadata),
             ),
         )
-        return _RESULTS[rows[0]["result"]]
+        return WRITE_RESULTS[rows[0]["result"]]
 
     async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
         rows = await self._fetch(_RELEASE, (job.request_id, worker, job.attempt))
-        return _RESULTS[rows[0]["result"]]
+        return WRITE_RESULTS[rows[0]["result"]]
 
     async def next_due(self) -> datetime | None:
         rows = await self._fetch(_NEXT_DUE, ())

@@ -15,31 +15,17 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
-from core.errors import OperatorError, PermanentError, TransientError
+from core.errors import (
+    OperatorError,
+    StorageMisconfigured,
+    StorageUnavailable,
+    TransientError,
+    UnsafeStoragePath,
+)
 from core.models import GeneratedImage, StoredImage
 
 #: the operator must act (permissions, read-only mount); another try would fail the same way
 _OPERATOR_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
-
-
-class UnsafeStoragePath(PermanentError):
-    """A storage path that is malformed or would leave the image directory: a bug, never retried."""
-
-    public_message = "The image could not be stored."
-    code = "unsafe_storage_path"
-
-
-class StorageUnavailable(TransientError):
-    """The filesystem failed (disk full, I/O error); the same write may succeed later."""
-
-    public_message = "The image could not be saved right now. Please try again later."
-    code = "storage_unavailable"
-
-
-class StorageMisconfigured(OperatorError):
-    """The image directory cannot be written (permissions, read-only filesystem)."""
-
-    code = "storage_misconfigured"
 
 
 class LocalDirectoryStorage:

@@ -24,10 +24,12 @@ from core.errors import OperatorError
 ENV_PREFIX = "IMAGE_LISTENER_"
 
 #: variables whose value must never appear in an error message, a repr or a log line
-SECRET_VARIABLES = frozenset({"OPENAI_API_KEY", "DATABASE_URL"})
+SECRET_VARIABLES = frozenset({"OPENAI_API_KEY", "DATABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"})
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+#: where the queue calls go and where images are stored
+Mode = Literal["postgres", "supabase", "hybrid"]
 
 _SIZE = re.compile(r"(auto|[1-9][0-9]*x[1-9][0-9]*)")
 # A key with a space or control character would end up in an HTTP header, where httpx rejects it
@@ -79,6 +81,16 @@ class Settings(BaseSettings):
         validation_alias="OPENAI_BASE_URL",
         description="Override of the OpenAI API base URL (proxies, test servers)",
     )
+    supabase_url: str | None = Field(
+        default=None,
+        validation_alias="SUPABASE_URL",
+        description="Supabase project URL; with the service-role key it selects Supabase mode",
+    )
+    supabase_service_role_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="SUPABASE_SERVICE_ROLE_KEY",
+        description="Supabase service-role key (server-side only: it bypasses row-level security)",
+    )
     model: str = Field(
         default="gpt-image-2.6-flare",
         validation_alias=_env("MODEL"),
@@ -120,6 +132,18 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=_env("IMAGE_BASE_URL"),
         description="Public base URL that serves IMAGE_DIR; unset gives file:// URLs",
+    )
+    storage_bucket: str = Field(
+        default="generated-images",
+        min_length=1,
+        validation_alias=_env("STORAGE_BUCKET"),
+        description="Supabase Storage bucket for images (created by the migrations)",
+    )
+    signed_url_seconds: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        validation_alias=_env("SIGNED_URL_SECONDS"),
+        description="Lifetime of the signed image URL written to a reply (Supabase Storage)",
     )
     log_prompts: bool = Field(
         default=False,
@@ -166,7 +190,7 @@ class Settings(BaseSettings):
         gt=0,
         allow_inf_nan=False,
         validation_alias=_env("LISTEN_PROBE_SECONDS"),
-        description="Interval of the liveness probe on the LISTEN connection",
+        description="Liveness probe interval of the wake-up connection (LISTEN or Realtime)",
     )
     worker_id: str | None = Field(
         default=None,
@@ -191,14 +215,14 @@ class Settings(BaseSettings):
     def _lowercase(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("openai_api_key", mode="before")
+    @field_validator("openai_api_key", "supabase_service_role_key", mode="before")
     @classmethod
     def _check_api_key(cls, value: object) -> object:
         if isinstance(value, str) and not _API_KEY.fullmatch(value):
             raise ValueError("must be printable ASCII without spaces")
         return value
 
-    @field_validator("openai_base_url", "image_base_url")
+    @field_validator("openai_base_url", "image_base_url", "supabase_url")
     @classmethod
     def _check_http_url(cls, value: str | None) -> str | None:
         if value is not None:
@@ -227,6 +251,33 @@ class Settings(BaseSettings):
             raise SettingsError([("DATABASE_URL", "must be set (a PostgreSQL connection URL)")])
         return self.database_url
 
+    def mode(self) -> Mode:
+        """``postgres`` (DATABASE_URL only), ``supabase`` (URL + key only), or ``hybrid``
+        (queue over DATABASE_URL, images in Supabase Storage); anything half-set is an error."""
+        has_url = self.supabase_url is not None
+        has_key = self.supabase_service_role_key is not None
+        if has_url != has_key:
+            missing = "SUPABASE_SERVICE_ROLE_KEY" if has_url else "SUPABASE_URL"
+            present = "SUPABASE_URL" if has_url else "SUPABASE_SERVICE_ROLE_KEY"
+            raise SettingsError([(missing, f"must be set together with {present}")])
+        if has_url and self.database_url is not None:
+            return "hybrid"
+        if has_url:
+            return "supabase"
+        if self.database_url is not None:
+            return "postgres"
+        raise SettingsError(
+            [("DATABASE_URL", "set it, or SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY")]
+        )
+
+    def require_supabase(self) -> tuple[str, str]:
+        """(project URL, service-role key) for the modes that talk to Supabase."""
+        if self.supabase_url is None or self.supabase_service_role_key is None:
+            raise SettingsError(
+                [("SUPABASE_URL", "must be set with SUPABASE_SERVICE_ROLE_KEY for Supabase")]
+            )
+        return self.supabase_url.rstrip("/"), self.supabase_service_role_key.get_secret_value()
+
     def require_openai_api_key(self) -> str:
         """The API key in clear text, for the one place that hands it to the OpenAI client."""
         if self.openai_api_key is None:
@@ -238,6 +289,8 @@ class Settings(BaseSettings):
         found: list[str] = []
         if self.openai_api_key is not None:
             found.append(self.openai_api_key.get_secret_value())
+        if self.supabase_service_role_key is not None:
+            found.append(self.supabase_service_role_key.get_secret_value())
         if self.database_url is not None:
             found.extend(_database_passwords(self.database_url))
         return tuple(value for value in found if value)
@@ -247,7 +300,7 @@ class Settings(BaseSettings):
         fields: dict[str, object] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if name in ("database_url", "openai_api_key"):
+            if name in ("database_url", "openai_api_key", "supabase_service_role_key"):
                 fields[name] = "set" if value is not None else "unset"
             else:
                 fields[name] = str(value) if isinstance(value, Path) else value

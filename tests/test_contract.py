@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.pg import as_service_role, as_user, connect, create_user
+from tests.pg import PostgresServer, as_service_role, as_user, connect, create_user
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -27,6 +27,28 @@ def chat(db: Conn) -> tuple[uuid.UUID, uuid.UUID]:
     user = create_user(db)
     with as_user(db, user):
         row = db.execute("insert into public.chats (title) values ('t') returning id").fetchone()
+    assert row is not None
+    return user, row["id"]
+
+
+@pytest.fixture(scope="module")
+def shared_db(pg_server: PostgresServer) -> Iterator[Conn]:
+    """One clone for the whole rejection table: a rejected insert rolls back and leaves nothing,
+    and sixty clones of their own would dominate the run time. Each case gets a fresh chat."""
+    name = pg_server.clone()
+    try:
+        with connect(pg_server.dsn(name)) as conn:
+            yield conn
+    finally:
+        pg_server.drop(name)
+
+
+@pytest.fixture
+def fresh_chat(shared_db: Conn) -> tuple[uuid.UUID, uuid.UUID]:
+    """(user_id, chat_id) of a new user in the shared database."""
+    user = create_user(shared_db)
+    with as_user(shared_db, user):
+        row = shared_db.execute("insert into public.chats default values returning id").fetchone()
     assert row is not None
     return user, row["id"]
 
@@ -65,9 +87,11 @@ def insert_message(
     return row["id"]
 
 
-def jobs(db: Conn) -> list[dict[str, Any]]:
+def jobs(db: Conn, chat_id: uuid.UUID) -> list[dict[str, Any]]:
     return db.execute(
         "select request_id, chat_id, user_id, state, attempts from image_queue.jobs"
+        " where chat_id = %s",
+        (chat_id,),
     ).fetchall()
 
 
@@ -109,8 +133,14 @@ def test_valid_image_request_is_accepted_and_enqueued_once_with_an_id_only_notif
 
     request = insert_message(db, user, chat_id, options=options)
 
-    assert jobs(db) == [
-        {"request_id": request, "chat_id": chat_id, "user_id": user, "state": "queued", "attempts": 0}
+    assert jobs(db, chat_id) == [
+        {
+            "request_id": request,
+            "chat_id": chat_id,
+            "user_id": user,
+            "state": "queued",
+            "attempts": 0,
+        }
     ]
     assert notifications(listener, expect=1) == [("image_requests", str(request))]
     stored = db.execute("select options from public.messages where id = %s", (request,))
@@ -121,7 +151,9 @@ def test_valid_image_request_is_accepted_and_enqueued_once_with_an_id_only_notif
     "prompt",
     [
         pytest.param("a" * 32_000, id="exactly-32000"),
-        pytest.param(" \n\t" * 100 + "a" * 32_000 + "\r\n " * 100, id="32000-plus-outer-whitespace"),
+        pytest.param(
+            " \n\t" * 100 + "a" * 32_000 + "\r\n " * 100, id="32000-plus-outer-whitespace"
+        ),
         pytest.param("é" * 32_000, id="32000-multibyte-characters"),
     ],
 )
@@ -130,7 +162,7 @@ def test_prompt_of_32000_characters_after_trimming_is_accepted(
 ) -> None:
     user, chat_id = chat
     request = insert_message(db, user, chat_id, content=prompt)
-    assert [job["request_id"] for job in jobs(db)] == [request]
+    assert [job["request_id"] for job in jobs(db, chat_id)] == [request]
 
 
 def _size(value: Any) -> dict[str, Any]:
@@ -238,26 +270,30 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("change", "message"), BAD_REQUESTS)
 def test_bad_request_is_rejected_with_a_clear_message_and_nothing_is_stored(
-    db: Conn, chat: tuple[uuid.UUID, uuid.UUID], change: dict[str, Any], message: str
+    shared_db: Conn, fresh_chat: tuple[uuid.UUID, uuid.UUID], change: dict[str, Any], message: str
 ) -> None:
-    user, chat_id = chat
+    user, chat_id = fresh_chat
 
     with pytest.raises(psycopg.errors.CheckViolation) as raised:
-        insert_message(db, user, chat_id, **change)
+        insert_message(shared_db, user, chat_id, **change)
 
     assert raised.value.sqlstate == CHECK_VIOLATION
     assert message in (raised.value.diag.message_primary or "")
-    assert db.execute("select id from public.messages").fetchall() == []
-    assert jobs(db) == []
+    stored = shared_db.execute("select id from public.messages where chat_id = %s", (chat_id,))
+    assert stored.fetchall() == []
+    assert jobs(shared_db, chat_id) == []
 
 
 def test_json_null_options_is_rejected_like_any_non_object(
-    db: Conn, chat: tuple[uuid.UUID, uuid.UUID]
+    shared_db: Conn, fresh_chat: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     """`options: null` in the JSON body arrives as the JSON value null, not SQL NULL."""
-    user, chat_id = chat
-    with as_user(db, user), pytest.raises(psycopg.errors.CheckViolation, match=NOT_AN_OBJECT):
-        db.execute(
+    user, chat_id = fresh_chat
+    with (
+        pytest.raises(psycopg.errors.CheckViolation, match=NOT_AN_OBJECT),
+        as_user(shared_db, user),
+    ):
+        shared_db.execute(
             "insert into public.messages (chat_id, role, content, message_type, options)"
             " values (%s, 'user', 'a fox', 'image', 'null'::jsonb)",
             (chat_id,),
@@ -271,15 +307,29 @@ def test_text_message_is_stored_but_creates_no_job_and_no_notify(
 
     message = insert_message(db, user, chat_id, content="hello", message_type="text")
 
-    assert db.execute("select id from public.messages").fetchall() == [{"id": message}]
-    assert jobs(db) == []
+    stored = db.execute("select id from public.messages where chat_id = %s", (chat_id,))
+    assert stored.fetchall() == [{"id": message}]
+    assert jobs(db, chat_id) == []
     assert notifications(listener, expect=0) == []
 
 
-def test_assistant_image_reply_creates_no_job(
-    db: Conn, chat: tuple[uuid.UUID, uuid.UUID], listener: Conn
+@pytest.mark.parametrize(
+    ("role", "status", "is_reply"),
+    [
+        pytest.param("assistant", "generating", True, id="assistant-reply"),
+        pytest.param("assistant", None, False, id="assistant-image-without-reply-to"),
+        pytest.param("system", None, False, id="system-image"),
+    ],
+)
+def test_only_user_image_messages_create_jobs(
+    db: Conn,
+    chat: tuple[uuid.UUID, uuid.UUID],
+    listener: Conn,
+    role: str,
+    status: str | None,
+    is_reply: bool,
 ) -> None:
-    """Only user requests enqueue: a reply that enqueued itself would loop forever."""
+    """A reply (or any non-user image row) that enqueued itself would loop forever."""
     user, chat_id = chat
     request = insert_message(db, user, chat_id)
     assert notifications(listener, expect=1) == [("image_requests", str(request))]
@@ -287,11 +337,11 @@ def test_assistant_image_reply_creates_no_job(
     with as_service_role(db):
         db.execute(
             "insert into public.messages (chat_id, role, content, message_type, status, reply_to)"
-            " values (%s, 'assistant', 'Generating image...', 'image', 'generating', %s)",
-            (chat_id, request),
+            " values (%s, %s, 'an image', 'image', %s, %s)",
+            (chat_id, role, status, request if is_reply else None),
         )
 
-    assert [job["request_id"] for job in jobs(db)] == [request]
+    assert [job["request_id"] for job in jobs(db, chat_id)] == [request]
     assert notifications(listener, expect=0) == []
 
 
@@ -303,9 +353,7 @@ def _insert_reply(db: Conn, chat_id: uuid.UUID, request: uuid.UUID, status: str)
     )
 
 
-def test_only_one_assistant_reply_per_request(
-    db: Conn, chat: tuple[uuid.UUID, uuid.UUID]
-) -> None:
+def test_only_one_assistant_reply_per_request(db: Conn, chat: tuple[uuid.UUID, uuid.UUID]) -> None:
     user, chat_id = chat
     request = insert_message(db, user, chat_id)
     other_request = insert_message(db, user, chat_id, content="a blue whale")

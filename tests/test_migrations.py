@@ -165,7 +165,8 @@ def test_existing_supabase_roles_auth_schema_users_and_functions_are_kept(
     with connect(empty_url) as conn:
         conn.execute(SUPABASE_AUTH_SETUP)
         before = conn.execute(_AUTH_STATE).fetchone()
-    assert before is not None and len(before["functions"]) == 3
+    assert before is not None
+    assert len(before["functions"]) == 3
     assert len(before["roles"]) == 3
 
     apply_migrations(empty_url)
@@ -173,7 +174,8 @@ def test_existing_supabase_roles_auth_schema_users_and_functions_are_kept(
     with connect(empty_url) as conn:
         after = conn.execute(_AUTH_STATE).fetchone()
         assert after == before
-        assert after is not None and "is_anonymous" in after["columns"]
+        assert after is not None
+        assert "is_anonymous" in after["columns"]
         assert any("supabase-original-uid" in f for f in after["functions"])
         # The contract works on top of Supabase's own auth.uid() and auth.users.
         user = create_user(conn)
@@ -206,7 +208,7 @@ def test_discover_rejects_a_file_name_the_supabase_cli_would_not_accept(
     tmp_path: Path, file_name: str
 ) -> None:
     (tmp_path / file_name).write_text("select 1;\n")
-    with pytest.raises(MigrationError, match="YYYYMMDDHHMMSS_name.sql"):
+    with pytest.raises(MigrationError, match=r"YYYYMMDDHHMMSS_name\.sql"):
         discover(tmp_path)
 
 

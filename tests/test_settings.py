@@ -234,8 +234,10 @@ def test_settings_table_lists_every_setting_once_with_a_one_line_description() -
     table = settings_table()
     variables = [variable for variable, _, _ in table]
     assert len(variables) == len(set(variables)) == len(Settings.model_fields)
-    assert variables[:3] == ["DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"]
-    assert all(v.startswith("IMAGE_LISTENER_") for v in variables[3:])
+    unprefixed = ["DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"]
+    unprefixed += ["SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"]
+    assert variables[:5] == unprefixed
+    assert all(v.startswith("IMAGE_LISTENER_") for v in variables[5:])
     for _, default, description in table:
         assert default
         assert description

@@ -157,6 +157,24 @@ def dev(offline: bool, data_dir: Path) -> None:
 
 
 @cli.command()
+@click.option("--offline", is_flag=True, help="Skip the OpenAI check.")
+def doctor(offline: bool) -> None:
+    """Check each configured dependency and print one line for each."""
+    from listener.doctor import run_checks
+
+    settings = _settings()
+    try:
+        results = asyncio.run(run_checks(settings, offline=offline))
+    except ImageListenerError as exc:
+        raise CommandFailed(first_line(exc)) from exc
+    for result in results:
+        click.echo(result.line())
+    failed = [result.name for result in results if not result.ok]
+    if failed:
+        raise CommandFailed(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}")
+
+
+@cli.command()
 @click.argument("prompt")
 @click.option("--size", help='"auto" or WIDTHxHEIGHT, e.g. 1536x1024.')
 @click.option("--quality", type=click.Choice(["low", "medium", "high", "auto"]))

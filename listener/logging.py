@@ -27,6 +27,10 @@ EventDictProcessor = Callable[[WrappedLogger, str, EventDict], EventDict]
 #: libraries whose INFO/DEBUG output is noise for an operator
 NOISY_LIBRARIES = (
     "httpx",
+    "httpx2",
+    "httpcore2",
+    "storage3",
+    "pgserver",
     "httpcore",
     "openai",
     "psycopg",

@@ -71,7 +71,12 @@ begin
   end if;
 
   if new.role = 'user' and new.message_type = 'image' then
-    prompt_length := char_length(regexp_replace(new.content, '^\s+|\s+$', '', 'g'));
+    -- Trim exactly what Python's str.strip() trims (core/validation.py): \s would depend on the
+    -- database's locale (under LC_CTYPE C it misses U+3000, U+00A0, U+2000..U+200A, ...).
+    prompt_length := char_length(regexp_replace(new.content,
+      '^[\t\n\v\f\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+'
+      '|[\t\n\v\f\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+$',
+      '', 'g'));
     if prompt_length = 0 then
       raise exception 'the image prompt is empty'
         using errcode = 'check_violation', hint = 'Put the prompt in content.';

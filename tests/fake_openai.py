@@ -52,6 +52,9 @@ before parameter validation. An unknown directive is answered with a 400 whose c
 up to ``delay_jitter_seconds`` of random extra) models generation time and applies to successful
 generations only; ``[fake:delay=...]`` applies to every call of its prompt.
 
+``GET /v1/models/{id}`` answers like the real API (401 for a key starting ``sk-rejected``, 404
+for a model id containing ``unknown``), for ``image-listener doctor``.
+
 Inspection: ``GET /_fake/calls`` returns ``{prompt: count}``, ``GET /_fake/requests`` the recorded
 request bodies, ``POST /_fake/reset`` clears both; in-process, :meth:`FakeOpenAI.calls`,
 :meth:`FakeOpenAI.call_counts`, :attr:`FakeOpenAI.total_calls`, :meth:`FakeOpenAI.requests`,
@@ -455,6 +458,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, fake.call_counts())
         elif self.path == "/_fake/requests":
             self._send_json(200, [r.body for r in fake.requests()])
+        elif self.path.startswith("/v1/models/"):
+            self._retrieve_model(self.path.removeprefix("/v1/models/"))
         else:
             self._send_json(
                 404, {"error": {"message": "Not found", "type": "invalid_request_error"}}
@@ -523,6 +528,41 @@ class _Handler(BaseHTTPRequestHandler):
         width, height = _validate(body, prompt)
         fake._sleep(fake._generation_delay())
         self._send_image(body, prompt, width, height, step.kind)
+
+    def _retrieve_model(self, model: str) -> None:
+        """``GET /v1/models/{id}``: the cheap call ``doctor`` uses to test the key and model.
+
+        A key starting ``sk-rejected`` gets 401, a model id containing ``unknown`` gets 404.
+        """
+        key = self._bearer_key()
+        if not key or key.startswith("sk-rejected"):
+            self._send_json(
+                401,
+                {
+                    "error": {
+                        "message": "Incorrect API key provided.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
+        elif "unknown" in model:
+            self._send_json(
+                404,
+                {
+                    "error": {
+                        "message": f"The model `{model}` does not exist.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "model_not_found",
+                    }
+                },
+            )
+        else:
+            self._send_json(
+                200, {"id": model, "object": "model", "created": 1760000000, "owned_by": "openai"}
+            )
 
     def _bearer_key(self) -> str:
         scheme, _, key = (self.headers.get("authorization") or "").partition(" ")

@@ -19,6 +19,8 @@ Conn = psycopg.Connection[dict[str, Any]]
 SQL_NULL = object()
 CHECK_VIOLATION = "23514"
 PROMPT = "a red fox in the snow"
+#: every character Python's str.strip() removes, which is what the worker trims (core/validation)
+UNICODE_WHITESPACE = "".join(ch for ch in map(chr, range(0x3001)) if ch.isspace())
 
 
 @pytest.fixture
@@ -155,6 +157,10 @@ def test_valid_image_request_is_accepted_and_enqueued_once_with_an_id_only_notif
             " \n\t" * 100 + "a" * 32_000 + "\r\n " * 100, id="32000-plus-outer-whitespace"
         ),
         pytest.param("é" * 32_000, id="32000-multibyte-characters"),
+        pytest.param(
+            UNICODE_WHITESPACE + "a" * 32_000 + UNICODE_WHITESPACE,
+            id="32000-plus-unicode-whitespace",
+        ),
     ],
 )
 def test_prompt_of_32000_characters_after_trimming_is_accepted(
@@ -175,6 +181,11 @@ NOT_AN_OBJECT = "options must be a JSON object"
 BAD_REQUESTS = [
     pytest.param({"content": ""}, "the image prompt is empty", id="empty-prompt"),
     pytest.param({"content": " \t\r\n  "}, "the image prompt is empty", id="whitespace-prompt"),
+    pytest.param(
+        {"content": UNICODE_WHITESPACE * 2},
+        "the image prompt is empty",
+        id="unicode-whitespace-prompt",  # the worker would find it empty after str.strip()
+    ),
     pytest.param(
         {"content": "a" * 32_001},
         "the image prompt is too long: 32001 characters, the limit is 32000",

@@ -289,3 +289,31 @@ def test_lease_is_renewed_while_generating_and_while_draining(
     assert reply["status"] == "complete"
     assert reply["metadata"]["attempt"] == 1
     assert fake_openai.calls(prompt) == 1, "no second generation"
+
+
+def test_doctor_reports_one_line_per_dependency(env: dict[str, str]) -> None:
+    result = cli("doctor", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["ok", "database"],
+        ["ok", "listen"],
+        ["ok", "storage"],
+        ["ok", "openai"],
+    ]
+    assert API_KEY not in result.stdout + result.stderr
+
+
+def test_doctor_fails_with_a_reason_for_a_rejected_key_and_an_unknown_model(
+    env: dict[str, str],
+) -> None:
+    rejected = cli("doctor", env={**env, "OPENAI_API_KEY": "sk-rejected-key-123"})
+    assert rejected.returncode == 1
+    assert "FAIL  openai" in rejected.stdout
+    assert "status=401" in rejected.stdout
+    assert "sk-rejected-key-123" not in rejected.stdout + rejected.stderr
+    assert rejected.stderr.strip() == "image-listener: error: 1 of 4 checks failed: openai"
+    unknown = cli("doctor", env={**env, "IMAGE_LISTENER_MODEL": "gpt-image-unknown"})
+    assert unknown.returncode == 1
+    assert "FAIL  openai" in unknown.stdout
+    assert "status=404" in unknown.stdout

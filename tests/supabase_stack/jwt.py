@@ -8,6 +8,7 @@ session_id, aal, amr, email and so on are left out.
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 
@@ -17,6 +18,11 @@ import jwt as pyjwt
 KEY_LIFETIME_SECONDS = 10 * 365 * 24 * 3600
 # GoTrue's default access-token lifetime.
 USER_TOKEN_LIFETIME_SECONDS = 3600
+
+
+def new_jwt_secret() -> str:
+    """A random project JWT secret (PostgREST wants at least 32 characters)."""
+    return secrets.token_urlsafe(32)
 
 
 def service_role_key(secret: str) -> str:

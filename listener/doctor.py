@@ -1,0 +1,172 @@
+"""``image-listener doctor``: check every configured dependency, one line each.
+
+Each check is bounded in time and reports what an operator should fix; none of them prints a
+secret. The checks follow the mode: the database and LISTEN where DATABASE_URL is the queue,
+PostgREST and Realtime in Supabase mode, the image storage of the mode, and the OpenAI key and
+model (unless ``--offline``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from core.errors import ImageListenerError, first_line
+from listener import migrate
+from listener.settings import Settings
+
+CHECK_TIMEOUT_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of the report."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name:<9} {self.detail}"
+
+
+async def run_checks(settings: Settings, *, offline: bool) -> list[CheckResult]:
+    """Every check that applies to ``settings``, in a stable order."""
+    mode = settings.mode()
+    checks: list[tuple[str, Callable[[], Awaitable[str]]]] = []
+    if mode in ("postgres", "hybrid"):
+        conninfo = settings.require_database_url()
+        checks.append(("database", lambda: _check_database(conninfo)))
+        checks.append(("listen", lambda: _check_listen(conninfo)))
+    if mode == "supabase":
+        checks.append(("postgrest", lambda: _check_postgrest(settings)))
+        checks.append(("realtime", lambda: _check_realtime(settings)))
+    if mode in ("supabase", "hybrid"):
+        checks.append(("storage", lambda: _check_bucket(settings)))
+    else:
+        checks.append(("storage", lambda: _check_directory(settings.image_dir)))
+    if not offline:
+        checks.append(("openai", lambda: _check_openai(settings)))
+    return [await _run(name, check) for name, check in checks]
+
+
+async def _run(name: str, check: Callable[[], Awaitable[str]]) -> CheckResult:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+            return CheckResult(name, True, await check())
+    except TimeoutError:
+        return CheckResult(name, False, f"no answer within {CHECK_TIMEOUT_SECONDS:g}s")
+    except ImageListenerError as exc:
+        return CheckResult(name, False, exc.detail)
+    except Exception as exc:
+        return CheckResult(name, False, f"{type(exc).__name__}: {first_line(exc)}")
+
+
+async def _check_database(conninfo: str) -> str:
+    def check() -> str:
+        with psycopg.connect(conninfo, connect_timeout=10) as conn:
+            missing = migrate.pending(conn)
+        total = len(migrate.discover())
+        if missing:
+            raise RuntimeError(
+                f"reachable, but {len(missing)} of {total} migrations are missing: "
+                "run `image-listener migrate`"
+            )
+        return f"reachable; all {total} migrations applied"
+
+    try:
+        return await asyncio.to_thread(check)
+    except psycopg.Error as exc:
+        raise RuntimeError(f"cannot connect: {first_line(exc)}") from exc
+
+
+async def _check_listen(conninfo: str) -> str:
+    channel = f"image_listener_doctor_{secrets.token_hex(4)}"
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute(f"listen {channel}")
+        await conn.execute(f"notify {channel}, 'ping'")
+        async for _ in conn.notifies(timeout=5.0, stop_after=1):
+            return "LISTEN/NOTIFY round trip works"
+    raise RuntimeError("a NOTIFY did not come back on LISTEN (a pooler in transaction mode?)")
+
+
+async def _check_postgrest(settings: Settings) -> str:
+    from listener.supabase_client import supabase_client
+    from listener.supabase_job_store import SupabaseJobStore
+
+    url, key = settings.require_supabase()
+    async with supabase_client(url, key, http_timeout=CHECK_TIMEOUT_SECONDS) as client:
+        store = SupabaseJobStore(client, call_timeout=CHECK_TIMEOUT_SECONDS)
+        await store.next_due()
+    return "reachable; queue functions present and executable with this key"
+
+
+async def _check_realtime(settings: Settings) -> str:
+    from listener.realtime_wakeups import RealtimeWakeupSource
+
+    url, key = settings.require_supabase()
+    source = RealtimeWakeupSource(url, key, probe_seconds=1.0, probe_timeout=5.0)
+    stop = asyncio.Event()
+    subscribed = asyncio.Event()
+
+    def on_wake() -> None:
+        if source.subscriptions:
+            subscribed.set()
+
+    task = asyncio.create_task(source.run(on_wake, stop))
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS - 2):
+            await subscribed.wait()
+    except TimeoutError as exc:
+        raise RuntimeError("the postgres_changes subscription did not succeed") from exc
+    finally:
+        stop.set()
+        await task
+    return "subscribed to INSERTs on public.messages"
+
+
+async def _check_bucket(settings: Settings) -> str:
+    from core.models import GeneratedImage
+    from listener.supabase_client import supabase_client
+    from listener.supabase_storage import SupabaseStorage
+
+    url, key = settings.require_supabase()
+    path = f"_doctor/{secrets.token_hex(8)}.png"
+    async with supabase_client(url, key, http_timeout=CHECK_TIMEOUT_SECONDS) as client:
+        storage = SupabaseStorage(client, bucket=settings.storage_bucket, signed_url_seconds=60)
+        probe = GeneratedImage(data=b"image-listener doctor probe", output_format="png")
+        await storage.store(path, probe)
+        await storage.remove(path)
+    return f"bucket {settings.storage_bucket!r} writable and signable"
+
+
+async def _check_directory(directory: Path) -> str:
+    def check() -> str:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-"):
+            pass
+        return f"{directory.resolve()} writable"
+
+    return await asyncio.to_thread(check)
+
+
+async def _check_openai(settings: Settings) -> str:
+    import openai
+
+    from listener.openai_generator import build_openai_client, translate_openai_error
+
+    key = settings.require_openai_api_key()
+    client = build_openai_client(key, settings.openai_base_url, CHECK_TIMEOUT_SECONDS)
+    try:
+        await client.models.retrieve(settings.model)
+    except openai.OpenAIError as exc:
+        raise translate_openai_error(exc, secret=key) from exc
+    finally:
+        await client.close()
+    return f"key accepted; model {settings.model} available"

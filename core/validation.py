@@ -19,7 +19,7 @@ MAX_PROMPT_CHARS = 32_000
 ALLOWED_OPTIONS = ("size", "quality", "background", "output_format")
 QUALITIES = ("low", "medium", "high", "auto")
 BACKGROUNDS = ("transparent", "opaque", "auto")
-_SIZE = re.compile(r"^([1-9][0-9]{1,4})x([1-9][0-9]{1,4})$")
+_SIZE = re.compile(r"([1-9][0-9]{1,4})x([1-9][0-9]{1,4})")
 _SAFETY_NAMESPACE = b"image-listener:safety-identifier:"
 
 
@@ -43,7 +43,7 @@ def check_size(size: object) -> str:
         raise _bad_option("size", 'must be "auto" or "WIDTHxHEIGHT"')
     if size == "auto":
         return size
-    match = _SIZE.match(size)
+    match = _SIZE.fullmatch(size)
     if match is None:
         raise _bad_option("size", 'must be "auto" or "WIDTHxHEIGHT"')
     width, height = int(match[1]), int(match[2])

@@ -278,13 +278,18 @@ def test_a_deleting_their_request_cancels_it_with_its_job_and_reply(db: Conn, wo
     assert _exists(db, world.request_b)
 
 
-def test_b_cannot_delete_a_request(shared_db: Conn, shared_world: World) -> None:
+@pytest.mark.parametrize(
+    ("table", "target"),
+    [("messages", "request_a"), ("messages", "reply_a"), ("chats", "chat_a")],
+)
+def test_b_cannot_delete_a_rows(
+    shared_db: Conn, shared_world: World, table: str, target: str
+) -> None:
+    row_id = getattr(shared_world, target)
     with as_user(shared_db, shared_world.b):
-        deleted = shared_db.execute(
-            "delete from public.messages where id = %s", (shared_world.request_a,)
-        )
+        deleted = shared_db.execute(f"delete from public.{table} where id = %s", (row_id,))
         assert deleted.rowcount == 0
-    assert _exists(shared_db, shared_world.request_a)
+    assert _ids(shared_db, f"select id from public.{table} where id = %s", (row_id,)) == {row_id}
 
 
 def test_a_cannot_delete_the_assistant_reply_directly(shared_db: Conn, shared_world: World) -> None:
@@ -404,6 +409,18 @@ def test_service_role_can_execute_queue_functions(
     assert granted == {"granted": True}
     with as_service_role(db):
         db.execute(call).fetchall()
+
+
+def test_client_roles_cannot_log_in_and_only_service_role_bypasses_rls(shared_db: Conn) -> None:
+    roles = shared_db.execute(
+        "select rolname, rolcanlogin, rolsuper, rolbypassrls from pg_roles"
+        " where rolname in ('anon', 'authenticated', 'service_role') order by rolname"
+    ).fetchall()
+    assert [(r["rolname"], r["rolcanlogin"], r["rolsuper"], r["rolbypassrls"]) for r in roles] == [
+        ("anon", False, False, False),
+        ("authenticated", False, False, False),
+        ("service_role", False, False, True),
+    ]
 
 
 def test_service_role_reads_every_message_past_rls(shared_db: Conn, shared_world: World) -> None:

@@ -44,7 +44,7 @@ class PostgrestError(RuntimeError):
 
 
 def find_postgrest() -> Path | None:
-    """The PostgREST binary: under $POSTGREST_DIR, then <repo>/.ci/node, then `postgrest` on PATH."""
+    """The PostgREST binary: in $POSTGREST_DIR, then <repo>/.ci/node, then `postgrest` on PATH."""
     candidates = []
     if env_dir := os.environ.get("POSTGREST_DIR"):
         candidates.append(Path(env_dir) / _BINARY_IN_NODE_PREFIX)

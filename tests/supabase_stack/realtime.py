@@ -52,6 +52,7 @@ import contextlib
 import itertools
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -170,59 +171,102 @@ create trigger fake_realtime_notify
 
 # --- bindings and filters (pure) ----------------------------------------------------------
 
-FILTER_OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
+FILTER_OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in", "is", "like", "ilike")
+_ORDER_TESTS = {
+    "eq": lambda order: order == 0,
+    "neq": lambda order: order != 0,
+    "lt": lambda order: order < 0,
+    "lte": lambda order: order <= 0,
+    "gt": lambda order: order > 0,
+    "gte": lambda order: order >= 0,
+}
 
 
 @dataclass(frozen=True)
-class RowFilter:
-    """A postgres_changes ``filter`` such as ``message_type=eq.image`` or ``n=in.(1,2)``."""
+class Condition:
+    """One ``column=[not.]op.value`` term of a filter."""
 
     column: str
     op: str
     values: tuple[str, ...]
+    negated: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        column, eq_sign, rest = text.partition("=")
+        negated = rest.startswith("not.")
+        op, dot, value = rest.removeprefix("not.").partition(".")
+        if not (column and eq_sign and dot) or op not in FILTER_OPERATORS:
+            raise ValueError(
+                f"filter {text!r}: expected column=[not.]op.value, op in {FILTER_OPERATORS}"
+            )
+        if op == "in":
+            if not (value.startswith("(") and value.endswith(")")):
+                raise ValueError(f"filter {text!r}: 'in' takes a list such as in.(a,b)")
+            items = tuple(item.strip().strip('"') for item in value[1:-1].split(","))
+            return cls(column, op, items, negated)
+        if op == "is" and value not in ("null", "true", "false"):
+            raise ValueError(f"filter {text!r}: 'is' takes null, true or false")
+        return cls(column, op, (value,), negated)
+
+    def matches(self, row: Mapping[str, Any], column_type: str | None = None) -> bool:
+        actual = row.get(self.column)
+        if self.op == "is":
+            expected = {"null": None, "true": True, "false": False}[self.values[0]]
+            return (actual is expected) != self.negated
+        if actual is None:
+            return False  # SQL: a comparison with null is null, and so is its negation
+        if self.op == "in":
+            result = any(_compare(actual, v, column_type) == 0 for v in self.values)
+        elif self.op in ("like", "ilike"):
+            pattern = "".join(
+                ".*" if ch == "%" else "." if ch == "_" else re.escape(ch) for ch in self.values[0]
+            )
+            flags = re.IGNORECASE | re.DOTALL if self.op == "ilike" else re.DOTALL
+            result = re.fullmatch(pattern, _as_text(actual), flags) is not None
+        else:
+            result = _ORDER_TESTS[self.op](_compare(actual, self.values[0], column_type))
+        return result != self.negated
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """A postgres_changes ``filter``: conditions joined by commas, all of which must hold,
+    e.g. ``message_type=eq.image`` or ``n=gt.1,status=not.in.(a,b)``."""
+
+    conditions: tuple[Condition, ...]
 
     @classmethod
     def parse(cls, text: str) -> RowFilter:
-        column, eq_sign, rest = text.partition("=")
-        op, dot, value = rest.partition(".")
-        if not (column and eq_sign and dot) or op not in FILTER_OPERATORS:
-            raise ValueError(f"filter {text!r}: expected column=op.value, op in {FILTER_OPERATORS}")
-        if op != "in":
-            return cls(column, op, (value,))
-        if not (value.startswith("(") and value.endswith(")")):
-            raise ValueError(f"filter {text!r}: 'in' takes a list such as in.(a,b)")
-        items = tuple(item.strip().strip('"') for item in value[1:-1].split(","))
-        return cls(column, op, items)
+        terms, depth, start = [], 0, 0
+        for i, ch in enumerate(text):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                terms.append(text[start:i])
+                start = i + 1
+        terms.append(text[start:])
+        return cls(tuple(Condition.parse(term) for term in terms))
 
-    def matches(self, row: Mapping[str, Any], column_type: str | None = None) -> bool:
-        """Whether ``row`` passes; a missing or null column never does (as in realtime)."""
-        actual = row.get(self.column)
-        if actual is None:
-            return False
-        if self.op == "in":
-            return any(_compare(actual, v, column_type) == 0 for v in self.values)
-        order = _compare(actual, self.values[0], column_type)
-        return {
-            "eq": order == 0,
-            "neq": order != 0,
-            "lt": order < 0,
-            "lte": order <= 0,
-            "gt": order > 0,
-            "gte": order >= 0,
-        }[self.op]
+    def matches(
+        self, row: Mapping[str, Any], column_types: Mapping[str, str] | None = None
+    ) -> bool:
+        types = column_types or {}
+        return all(c.matches(row, types.get(c.column)) for c in self.conditions)
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _compare(actual: Any, expected: str, column_type: str | None) -> int:
+    """-1, 0 or 1: as numbers when both sides are numbers, else as text."""
     if isinstance(actual, int | float) and not isinstance(actual, bool):
         with contextlib.suppress(InvalidOperation):
             a, b = Decimal(str(actual)), Decimal(expected)
             return (a > b) - (a < b)
-    if isinstance(actual, bool):
-        text = "true" if actual else "false"
-    elif isinstance(actual, str):
-        text = actual
-    else:
-        text = json.dumps(actual)
+    text = _as_text(actual)
     if column_type == "uuid":
         text, expected = text.casefold(), expected.casefold()
     return (text > expected) - (text < expected)
@@ -265,7 +309,7 @@ class Binding:
             return True
         row = change.get("old_record" if kind == "DELETE" else "record") or {}
         types = {c.get("name"): c.get("type") for c in change.get("columns") or ()}
-        return self.filter.matches(row, types.get(self.filter.column))
+        return self.filter.matches(row, types)
 
 
 def reply_frame(
@@ -283,11 +327,21 @@ def reply_frame(
 def system_frame(topic: str, status: str, message: str) -> Frame:
     channel = topic.removeprefix("realtime:")
     payload = {"extension": "postgres_changes", "status": status, "message": message}
-    return {"topic": topic, "event": "system", "payload": {**payload, "channel": channel}, "ref": None}
+    return {
+        "topic": topic,
+        "event": "system",
+        "payload": {**payload, "channel": channel},
+        "ref": None,
+    }
 
 
 def change_frame(topic: str, ids: list[int], change: Mapping[str, Any]) -> Frame:
-    return {"topic": topic, "event": "postgres_changes", "ref": None, "payload": {"ids": ids, "data": dict(change)}}
+    return {
+        "topic": topic,
+        "event": "postgres_changes",
+        "ref": None,
+        "payload": {"ids": ids, "data": dict(change)},
+    }
 
 
 # --- connections --------------------------------------------------------------------------
@@ -308,6 +362,7 @@ class _Connection:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def abort(self) -> None:
         self.gone.set()
@@ -363,19 +418,20 @@ class FakeRealtime:
         self._relay_task = asyncio.create_task(self._relay(), name="fake-realtime-relay")
 
     async def stop(self) -> None:
-        """Close every socket (1001) and the LISTEN connection; waits for all of it."""
+        """Close every socket (1001) and the LISTEN connection, and wait for all of it."""
         self._running = False
-        self._audible.set()
-        for conn in list(self._connections):
-            conn.gone.set()
-            if conn.transport is not None and not conn.transport.is_closing():
-                conn.transport.resume_reading()
-        await asyncio.gather(*(self._close(conn) for conn in list(self._connections)))
+        await self.resume()
+        connections = list(self._connections)
+        await asyncio.gather(*(self._close(conn) for conn in connections))
+        done = [asyncio.ensure_future(conn.done.wait()) for conn in connections]
+        if done:
+            _, pending = await asyncio.wait(done, timeout=CLOSE_TIMEOUT_SECONDS)
+            for waiter in pending:
+                waiter.cancel()
+            await asyncio.gather(*done, return_exceptions=True)
         if self._relay_task is not None:
-            try:
-                await asyncio.wait_for(self._relay_task, POLL_SECONDS * 10)
-            except TimeoutError:
-                pass  # wait_for cancelled it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relay_task, POLL_SECONDS * 10)  # cancels on timeout
             self._relay_task = None
         if self._db is not None:
             await self._db.close()
@@ -383,7 +439,9 @@ class FakeRealtime:
 
     async def _close(self, conn: _Connection) -> None:
         try:
-            await asyncio.wait_for(conn.ws.close(code=1001, message=b"server stopping"), CLOSE_TIMEOUT_SECONDS)
+            await asyncio.wait_for(
+                conn.ws.close(code=1001, message=b"server stopping"), CLOSE_TIMEOUT_SECONDS
+            )
         except TimeoutError:
             conn.abort()
         self._connections.discard(conn)
@@ -414,7 +472,13 @@ class FakeRealtime:
         for conn in list(self._connections):
             channels, conn.channels = list(conn.channels.values()), {}
             for channel in channels:
-                frame = {"topic": channel.topic, "event": event, "payload": {}, "ref": channel.join_ref, "join_ref": channel.join_ref}
+                frame = {
+                    "topic": channel.topic,
+                    "event": event,
+                    "payload": {},
+                    "ref": channel.join_ref,
+                    "join_ref": channel.join_ref,
+                }
                 await self._send(conn, frame)
                 count += 1
         return count
@@ -471,11 +535,15 @@ class FakeRealtime:
             await self._read(conn)
         finally:
             self._connections.discard(conn)
-            for task in conn.tasks:
-                task.cancel()
-            await asyncio.gather(*conn.tasks, return_exceptions=True)
-            if not ws.closed and not conn.gone.is_set():
-                await ws.close()
+            try:
+                pending = list(conn.tasks)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                if not ws.closed and not conn.gone.is_set():
+                    await ws.close()
+            finally:
+                conn.done.set()
         return ws
 
     async def _read(self, conn: _Connection) -> None:
@@ -494,7 +562,10 @@ class FakeRealtime:
     async def _audible_for(self, conn: _Connection) -> bool:
         """Wait while silent; False once the connection is being dropped or closed."""
         if not self._audible.is_set() and not conn.gone.is_set():
-            waiters = [asyncio.ensure_future(self._audible.wait()), asyncio.ensure_future(conn.gone.wait())]
+            waiters = [
+                asyncio.ensure_future(self._audible.wait()),
+                asyncio.ensure_future(conn.gone.wait()),
+            ]
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -519,7 +590,9 @@ class FakeRealtime:
             await self._join(conn, topic, payload, ref, join_ref or ref)
         elif topic not in conn.channels:
             if ref is not None:
-                await self._send(conn, reply_frame(topic, ref, join_ref, "error", {"reason": "unmatched topic"}))
+                await self._send(
+                    conn, reply_frame(topic, ref, join_ref, "error", {"reason": "unmatched topic"})
+                )
         elif event == "phx_leave":
             del conn.channels[topic]
             await self._send(conn, reply_frame(topic, ref, join_ref, "ok", {}))
@@ -531,7 +604,12 @@ class FakeRealtime:
         return token is None or self._api_keys is None or token in self._api_keys
 
     async def _join(
-        self, conn: _Connection, topic: str, payload: Mapping[str, Any], ref: str | None, join_ref: str | None
+        self,
+        conn: _Connection,
+        topic: str,
+        payload: Mapping[str, Any],
+        ref: str | None,
+        join_ref: str | None,
     ) -> None:
         if not self._token_ok(payload.get("access_token")):
             self.rejected_joins += 1
@@ -548,7 +626,9 @@ class FakeRealtime:
         else:
             await self._answer_join(conn, channel, ref, 0.0)
 
-    async def _answer_join(self, conn: _Connection, channel: _Channel, ref: str | None, delay: float) -> None:
+    async def _answer_join(
+        self, conn: _Connection, channel: _Channel, ref: str | None, delay: float
+    ) -> None:
         if delay:
             await asyncio.sleep(delay)
             if not await self._audible_for(conn):
@@ -571,7 +651,13 @@ class FakeRealtime:
         if not self._token_ok(token):
             del conn.channels[channel.topic]
             await self._send(conn, system_frame(channel.topic, "error", "Invalid token"))
-            close = {"topic": channel.topic, "event": "phx_close", "payload": {}, "ref": channel.join_ref, "join_ref": channel.join_ref}
+            close = {
+                "topic": channel.topic,
+                "event": "phx_close",
+                "payload": {},
+                "ref": channel.join_ref,
+                "join_ref": channel.join_ref,
+            }
             await self._send(conn, close)
 
     async def _send(self, conn: _Connection, frame: Frame) -> None:

@@ -326,11 +326,11 @@ class FakeStorage:
         if claims.get("role") != SERVICE_ROLE:
             raise _rls()
         if bucket.allowed_mime_types and content_type not in bucket.allowed_mime_types:
-            raise _Refusal(
-                "415", "invalid_mime_type", f"mime type {content_type} is not supported"
-            )
+            raise _Refusal("415", "invalid_mime_type", f"mime type {content_type} is not supported")
         if bucket.file_size_limit is not None and len(data) > bucket.file_size_limit:
-            raise _Refusal("413", "Payload too large", "The object exceeded the maximum allowed size")
+            raise _Refusal(
+                "413", "Payload too large", "The object exceeded the maximum allowed size"
+            )
         key = f"{bucket_id}/{name}"
         exists = key in self.objects
         if is_update and not exists:
@@ -404,9 +404,7 @@ class FakeStorage:
         key = self._readable(claims, bucket_id, name)
         return web.json_response(self._describe(key))
 
-    def _remove(
-        self, claims: dict[str, Any], bucket_id: str, body: dict[str, Any]
-    ) -> web.Response:
+    def _remove(self, claims: dict[str, Any], bucket_id: str, body: dict[str, Any]) -> web.Response:
         self._bucket(bucket_id)
         prefixes = body.get("prefixes")
         if not isinstance(prefixes, list) or not prefixes:

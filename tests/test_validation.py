@@ -1,0 +1,111 @@
+"""Pure request validation: the listener's second line behind the database's insert checks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from core.errors import InvalidRequest
+from core.models import ClaimedJob, object_path
+from core.validation import check_size, clean_prompt, generation_params, safety_identifier
+
+
+def job(prompt: str = "a cat", **options: Any) -> ClaimedJob:
+    return ClaimedJob(
+        request_id=uuid.uuid4(),
+        reply_id=uuid.uuid4(),
+        chat_id=uuid.uuid4(),
+        user_id=uuid.uuid4(),
+        prompt=prompt,
+        options=options,
+        attempt=1,
+        lease_expires_at=datetime.now(UTC),
+    )
+
+
+def test_defaults_fill_what_the_request_leaves_out() -> None:
+    params = generation_params(job("  a cat \n"), model="m", default_size="1024x1024")
+    assert (params.prompt, params.size, params.output_format) == ("a cat", "1024x1024", "png")
+    assert params.quality is None
+    assert params.background is None
+
+
+def test_request_options_are_applied() -> None:
+    request = job(size="1536x1024", quality="high", background="transparent", output_format="webp")
+    params = generation_params(request, model="m", default_size="1024x1024")
+    assert (params.size, params.quality, params.background, params.output_format) == (
+        "1536x1024",
+        "high",
+        "transparent",
+        "webp",
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"colour": "red"}, "Unknown image option(s): colour"),
+        ({"size": "big"}, "size"),
+        ({"size": "1000x1000"}, "multiples of 16"),
+        ({"size": "4096x4096"}, "larger than"),
+        ({"size": "3072x768"}, "aspect ratio"),
+        ({"size": "1024x1024\n"}, "size"),
+        ({"size": 1024}, "size"),
+        ({"quality": "ultra"}, "quality"),
+        ({"background": True}, "background"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"background": "transparent", "output_format": "jpeg"}, "png or webp"),
+    ],
+)
+def test_bad_options_are_refused_with_a_user_safe_reason(
+    options: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        generation_params(job(**options), model="m", default_size="1024x1024")
+    assert fragment in caught.value.public_message
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\u3000\u00a0\n", "x" * 32_001])
+def test_empty_or_overlong_prompts_are_refused(prompt: str) -> None:
+    with pytest.raises(InvalidRequest):
+        clean_prompt(prompt)
+
+
+def test_prompt_limit_counts_characters_after_trimming() -> None:
+    assert clean_prompt(" " * 10 + "é" * 32_000 + " ") == "é" * 32_000
+
+
+def test_size_auto_is_accepted() -> None:
+    assert check_size("auto") == "auto"
+
+
+def test_safety_identifier_is_stable_and_does_not_reveal_the_user() -> None:
+    user = uuid.uuid4()
+    assert safety_identifier(user) == safety_identifier(str(user))
+    assert str(user) not in safety_identifier(user)
+    assert safety_identifier(user) != safety_identifier(uuid.uuid4())
+
+
+def test_object_path_is_built_from_ids_only() -> None:
+    hostile = job("../../etc/passwd", output_format="png")
+    path = object_path(hostile, "jpeg")
+    assert path == f"{hostile.user_id}/{hostile.chat_id}/{hostile.request_id}.jpg"
+
+
+def test_claimed_job_reads_postgrest_json_rows() -> None:
+    """PostgREST hands back strings; the driver hands back native types: both build the same."""
+    native = job(size="auto")
+    row = {
+        "request_id": str(native.request_id),
+        "reply_id": str(native.reply_id),
+        "chat_id": str(native.chat_id),
+        "user_id": str(native.user_id),
+        "prompt": native.prompt,
+        "options": dict(native.options),
+        "attempt": 1,
+        "lease_expires_at": native.lease_expires_at.isoformat(),
+    }
+    assert ClaimedJob.from_row(row) == native

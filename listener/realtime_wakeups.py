@@ -24,8 +24,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import realtime
 import structlog
 from realtime import (
     AsyncRealtimeChannel,
@@ -219,6 +221,18 @@ async def _close_quietly(client: AsyncRealtimeClient) -> None:
         connection = client._ws_connection
         if connection is not None:
             connection.transport.abort()
+    # close() leaves push timeouts and rejoin timers of the old client running; finish them so
+    # they cannot act on (or log about) a client we have replaced.
+    tasks += [task for task in asyncio.all_tasks() if _is_realtime_task(task)]
     for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: no "Task exception was never retrieved" later
+        if not task.done():
+            task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_REALTIME_PACKAGE = str(Path(realtime.__file__).resolve().parent)
+
+
+def _is_realtime_task(task: asyncio.Task[Any]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and str(Path(code.co_filename).resolve()).startswith(_REALTIME_PACKAGE)

@@ -11,6 +11,8 @@ import pytest
 from tests.fake_openai import FakeOpenAI
 from tests.pg import PostgresServer, connect
 
+pytest_plugins = ["tests.supabase_stack.fixtures"]
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:

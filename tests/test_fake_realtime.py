@@ -23,6 +23,7 @@ from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 
 from tests.pg import as_user
 from tests.queue_helpers import insert_request, new_chat
+from tests.supabase_stack import realtime as fake_realtime_module
 from tests.supabase_stack.realtime import (
     PAYLOAD_TOO_LARGE,
     FakeRealtime,
@@ -44,6 +45,7 @@ SUBSCRIBED = RealtimeSubscribeStates.SUBSCRIBED
 CHANNEL_ERROR = RealtimeSubscribeStates.CHANNEL_ERROR
 CLOSED = RealtimeSubscribeStates.CLOSED
 REALTIME_PACKAGE = str(Path(realtime.__file__).parent)
+FAKE_MODULE = fake_realtime_module.__file__
 
 
 @dataclass
@@ -69,6 +71,7 @@ async def stack(database_url: str) -> AsyncIterator[Stack]:
     finally:
         await fake.stop()
         await runner.cleanup()
+    assert not tasks_from(FAKE_MODULE), "FakeRealtime.stop() left tasks behind"
 
 
 @dataclass
@@ -92,14 +95,20 @@ async def subscribe(stack: Stack) -> AsyncIterator[Subscribe]:
     clients: list[AsyncRealtimeClient] = []
 
     async def make(
-        key: str = KEY, filter: str = "message_type=eq.image", **options: Any
+        key: str = KEY,
+        event: str = "INSERT",
+        filter: str | None = "message_type=eq.image",
+        access_token: str | None = None,
+        **options: Any,
     ) -> Subscriber:
         client = AsyncRealtimeClient(stack.url, token=key, **options)
         clients.append(client)
+        if access_token is not None:
+            await client.set_auth(access_token)  # the join then carries it instead of the key
         sub = Subscriber(client)
         channel = client.channel("messages-image")
         channel.on_postgres_changes(
-            "INSERT",  # type: ignore[arg-type]  # the enum is a str enum; the daemon passes str
+            event,  # type: ignore[arg-type]  # a str enum; plain strings work
             schema="public",
             table="messages",
             filter=filter,
@@ -118,16 +127,20 @@ async def close_client(client: AsyncRealtimeClient) -> None:
     """close() cancels realtime-py's own tasks without awaiting them and leaves push timeouts
     and rejoin timers running: finish them all so nothing outlives the test's loop."""
     await client.close()
-    leftovers = [
-        task
-        for task in asyncio.all_tasks()
-        if not task.done()
-        and getattr(task.get_coro(), "cr_code", None) is not None
-        and task.get_coro().cr_code.co_filename.startswith(REALTIME_PACKAGE)  # type: ignore[union-attr]
-    ]
+    leftovers = tasks_from(REALTIME_PACKAGE)
     for task in leftovers:
         task.cancel()
     await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+def tasks_from(source: str) -> list[asyncio.Task[Any]]:
+    """Pending tasks whose coroutine is defined under ``source`` (a file or a directory)."""
+    found = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if not task.done() and code is not None and code.co_filename.startswith(source):
+            found.append(task)
+    return found
 
 
 async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
@@ -292,12 +305,21 @@ async def test_a_join_with_a_wrong_access_token_is_answered_with_an_error(
 ) -> None:
     """A good apikey but a bad access_token in the join: phx_reply status error, which
     realtime-py reports as CHANNEL_ERROR (and then keeps retrying the join on a timer)."""
-    sub = await subscribe(max_retries=1)
-    await sub.client.set_auth("not-a-key")  # stored in the join payload used by rejoins
-    await stack.fake.send_channel_error()  # make it rejoin with that token
-    await eventually(lambda: stack.fake.rejected_joins >= 1)
-    assert sub.states == [SUBSCRIBED, CHANNEL_ERROR]
-    assert stack.fake.joins == 1
+    sub = await subscribe(access_token="not-a-key")
+    assert sub.states == [CHANNEL_ERROR]
+    assert (stack.fake.rejected_joins, stack.fake.joins) == (1, 0)
+
+
+async def test_refreshing_to_a_bad_token_ends_the_channel_like_an_expired_jwt(
+    stack: Stack, subscribe: Subscribe
+) -> None:
+    """An access_token push with a bad token: a system error, then phx_close, so realtime-py
+    reports CHANNEL_ERROR, then CLOSED, and does not rejoin."""
+    sub = await subscribe()
+    await sub.client.set_auth("not-a-key")
+    await eventually(lambda: sub.states == [SUBSCRIBED, CHANNEL_ERROR, CLOSED])
+    assert sub.client.channels == {}
+    assert stack.fake.joined_channels == 0
 
 
 async def test_a_channel_error_makes_realtime_py_rejoin_after_a_second(
@@ -362,6 +384,48 @@ async def test_leaving_is_acknowledged_and_closes_the_channel(
     await channel.unsubscribe()
     await eventually(lambda: sub.states == [SUBSCRIBED, CLOSED])
     assert stack.fake.joined_channels == 0
+
+
+async def test_a_filter_realtime_cannot_parse_is_a_channel_error_after_the_join(
+    stack: Stack, subscribe: Subscribe
+) -> None:
+    """The join succeeds, then a system error follows: realtime-py reports CHANNEL_ERROR."""
+    sub = await subscribe(filter="message_type=match.^im")
+    await eventually(lambda: sub.states[:2] == [SUBSCRIBED, CHANNEL_ERROR])
+    assert sub.system == []  # error system messages do not reach on_system callbacks
+
+
+async def test_updates_and_deletes_carry_the_old_primary_key_when_the_trigger_covers_them(
+    stack: Stack, subscribe: Subscribe, db: Conn, database_url: str
+) -> None:
+    """With UPDATE and DELETE installed, an event '*' binding without filter gets all three,
+    old_record holding the primary key only (REPLICA IDENTITY DEFAULT)."""
+    await install_trigger(database_url, operations=("INSERT", "UPDATE", "DELETE"))
+    sub = await subscribe(event="*", filter=None)
+    user_id, chat_id = await asyncio.to_thread(new_chat, db)
+    message_id = await insert_text(db, user_id, chat_id, "v1")
+    await asyncio.to_thread(
+        db.execute, "update public.messages set content = 'v2' where id = %s", (message_id,)
+    )
+    await asyncio.to_thread(db.execute, "delete from public.messages where id = %s", (message_id,))
+    kinds = []
+    for _ in range(3):
+        data = (await asyncio.wait_for(sub.changes.get(), 5))["data"]
+        kinds.append((data["type"], data.get("record", {}).get("content"), data.get("old_record")))
+    old = {"id": str(message_id)}
+    assert kinds == [("INSERT", "v1", None), ("UPDATE", "v2", old), ("DELETE", None, old)]
+
+
+async def test_stop_is_prompt_even_with_a_silent_server_and_a_connected_client(
+    stack: Stack, subscribe: Subscribe
+) -> None:
+    """stop() closes every socket and the LISTEN connection within its bounds."""
+    await subscribe()
+    await stack.fake.go_silent()
+    started = time.monotonic()
+    await stack.fake.stop()
+    assert time.monotonic() - started < 3
+    assert stack.fake.connections == 0
 
 
 @pytest.mark.parametrize(

@@ -5,16 +5,19 @@ storage3 the way the hosted Storage API does. Needs the PostgREST binary (skips 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 import jwt as pyjwt
 import psycopg
 import pytest
+from aiohttp import web
 from postgrest.exceptions import APIError
 from storage3.exceptions import StorageApiError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
@@ -22,6 +25,7 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from tests.pg import create_user
 from tests.queue_helpers import insert_request, job_of, new_chat
 from tests.supabase_stack import SupabaseStack
+from tests.supabase_stack.fixtures import StackFactory
 
 Conn = psycopg.Connection[dict[str, Any]]
 BUCKET = "generated"
@@ -203,6 +207,30 @@ async def test_a_user_token_cannot_upload_and_reads_only_its_own_prefix(
     assert (hidden.value.status, hidden.value.message) == ("404", "Object not found")
 
 
+async def test_bucket_api_and_remove_answer_in_shapes_storage3_parses(
+    supabase_stack: SupabaseStack,
+) -> None:
+    """create/get/list buckets and remove parse into storage3's types; a user sees no bucket."""
+    async with client(supabase_stack, supabase_stack.service_role_key) as sb:
+        await sb.storage.create_bucket(BUCKET)
+        bucket = await sb.storage.get_bucket(BUCKET)
+        listed = await sb.storage.list_buckets()
+        files = sb.storage.from_(BUCKET)
+        await files.upload("x/1.png", PNG_1, {"content-type": "image/png"})
+        exists = await files.exists("x/1.png")
+        removed = await files.remove(["x/1.png", "x/never-there.png"])
+        gone = await files.exists("x/1.png")
+    async with client(supabase_stack, supabase_stack.anon_key, supabase_stack.user_token(1)) as sb:
+        users_buckets = await sb.storage.list_buckets()
+
+    assert (bucket.id, bucket.public) == (BUCKET, False)
+    assert [b.id for b in listed] == [BUCKET]
+    assert (exists, gone) == (True, False)
+    assert [r["name"] for r in removed] == ["x/1.png"]
+    assert supabase_stack.storage.objects == {}
+    assert users_buckets == []
+
+
 async def test_signed_url_with_a_forged_or_expired_token_is_refused(
     supabase_stack: SupabaseStack,
 ) -> None:
@@ -264,3 +292,43 @@ async def test_gateway_checks_the_apikey_and_routes_like_kong(
     # anon has no grant on chats: PostgreSQL refuses, PostgREST says 401 / 42501.
     assert (anon.status_code, anon.json()["code"]) == (401, "42501")
     assert realtime.status_code == 404
+
+
+class EchoRealtime:
+    """The smallest RealtimeServer: records where its lifecycle ran and echoes text frames."""
+
+    def __init__(self) -> None:
+        self.lifecycle: list[tuple[str, str]] = []
+
+    async def start(self) -> None:
+        self.lifecycle.append(("start", threading.current_thread().name))
+
+    async def stop(self) -> None:
+        self.lifecycle.append(("stop", threading.current_thread().name))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"{request.query['apikey']}:{message.data}")
+        return ws
+
+
+async def test_a_realtime_server_is_served_on_the_websocket_path(
+    make_supabase_stack: StackFactory,
+) -> None:
+    """The websocket path reaches the given server; start/stop run on the gateway's loop."""
+    echo = EchoRealtime()
+    stack = make_supabase_stack(realtime=echo)
+    ws_url = stack.url.replace("http", "ws") + "/realtime/v1/websocket"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(ws_url, params={"apikey": "k", "vsn": "1.0.0"}) as ws,
+    ):
+        await ws.send_str("hello")
+        reply = await asyncio.wait_for(ws.receive_str(), 5)
+    stack.stop()
+
+    assert reply == "k:hello"
+    thread = "supabase-stack-gateway"
+    assert echo.lifecycle == [("start", thread), ("stop", thread)]

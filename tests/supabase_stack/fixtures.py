@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,10 @@ def make_supabase_stack(request: pytest.FixtureRequest) -> Iterator[StackFactory
     database is dropped. Skips the test, before any database work, without PostgREST."""
     binary = find_postgrest()
     if binary is None:
+        if os.environ.get("REQUIRE_POSTGREST_TESTS"):  # CI with Node: a skip would hide a gap
+            pytest.fail(
+                f"PostgREST missing although REQUIRE_POSTGREST_TESTS is set: {INSTALL_HINT}"
+            )
         pytest.skip(f"PostgREST not installed: run '{INSTALL_HINT}'")
     # Requested only now so that a skip costs no database.
     database_url: str = request.getfixturevalue("database_url")

@@ -19,7 +19,7 @@ import asyncio
 import collections
 import socket
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -295,7 +295,7 @@ class SupabaseStack:
                 task.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
 
-    def _on_loop(self, fn: Any) -> None:
+    def _on_loop(self, fn: Callable[[], object]) -> None:
         loop, thread = self._loop, self._thread
         if loop is None:
             raise RuntimeError("the stack is not running")

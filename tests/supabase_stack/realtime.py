@@ -5,7 +5,17 @@ expects, and relays real inserts from the test database.
 How a change reaches a client here: an AFTER trigger installed by :func:`install_trigger` calls
 ``pg_notify('fake_realtime', <change as JSON>)``; :class:`FakeRealtime` LISTENs on a dedicated
 psycopg connection and sends a ``postgres_changes`` frame to every joined channel with a
-matching binding (event, schema, table and ``filter``: ``eq, neq, lt, lte, gt, gte, in``).
+matching binding: event (or ``*``), schema, table (absent or ``*``: any) and ``filter``, with the
+operators ``eq, neq, lt, lte, gt, gte, in, is, like, ilike``, the ``not.`` prefix and commas for
+AND. A filter it cannot parse (``match``, ``imatch``, ``isdistinct`` included) gets a ``system``
+error after the join, which realtime-py turns into CHANNEL_ERROR and rejoins. ``select`` is
+echoed but the whole row is sent.
+
+Using it under pytest with ``filterwarnings = error``: realtime-py 2.34.1 reads ``e.code`` of
+websockets' ConnectionClosedError, deprecated in websockets 15; the DeprecationWarning, turned
+into an exception, kills realtime-py's listen task silently on any abnormal close (1006, 1011,
+keepalive timeout): no CHANNEL_ERROR, no reconnect. Ignore ``ConnectionClosed\\.(code|reason) is
+deprecated`` (DeprecationWarning) where a test drops connections.
 
 What the real server does that this one does not (do not read more into a green test):
 
@@ -414,6 +424,8 @@ class FakeRealtime:
         if self._running:
             raise RuntimeError("FakeRealtime is already started")
         self._db = await self._listen()
+        self._audible = asyncio.Event()  # bound to the loop that serves us from here on
+        self._audible.set()
         self._running = True
         self._relay_task = asyncio.create_task(self._relay(), name="fake-realtime-relay")
 
@@ -429,13 +441,15 @@ class FakeRealtime:
             for waiter in pending:
                 waiter.cancel()
             await asyncio.gather(*done, return_exceptions=True)
-        if self._relay_task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._relay_task, POLL_SECONDS * 10)  # cancels on timeout
-            self._relay_task = None
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        relay, self._relay_task = self._relay_task, None
+        try:
+            if relay is not None:  # a crash of the relay loop is raised here, not swallowed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(relay, POLL_SECONDS * 10)  # cancels it on timeout
+        finally:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
 
     async def _close(self, conn: _Connection) -> None:
         try:
@@ -484,7 +498,8 @@ class FakeRealtime:
         return count
 
     async def go_silent(self) -> None:
-        """Half-open: stop reading sockets, answering (pings and heartbeats too) and relaying."""
+        """Half-open: stop reading sockets, answering (pings and heartbeats too) and relaying.
+        New connections still complete the websocket handshake, then are not read either."""
         self.faults["go_silent"] += 1
         self._audible.clear()
         for conn in self._connections:

@@ -462,9 +462,9 @@ async def _read_upload(request: web.Request) -> tuple[bytes, str, str]:
     """(bytes, content type, cache-control) of an upload: multipart as storage3 sends it, or a
     raw body with Content-Type and Cache-Control headers as storage-js sends some."""
     if request.content_type != "multipart/form-data":
-        data = await request.read()
+        raw = await request.read()
         content_type = request.headers.get(hdrs.CONTENT_TYPE, DEFAULT_CONTENT_TYPE)
-        return data, content_type, request.headers.get(hdrs.CACHE_CONTROL, "max-age=3600")
+        return raw, content_type, request.headers.get(hdrs.CACHE_CONTROL, "max-age=3600")
     data: bytes | None = None
     content_type = DEFAULT_CONTENT_TYPE
     cache_control = "3600"

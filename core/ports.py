@@ -80,4 +80,3 @@ class JobStore(Protocol):
     async def next_due(self) -> datetime | None:
         """When the earliest job becomes claimable, or None for an empty queue."""
         ...
-

@@ -30,12 +30,22 @@ class CommandFailed(click.ClickException):
         click.echo(f"image-listener: error: {self.format_message()}", err=True)
 
 
-def _settings() -> Settings:
+def _settings(*, logs_to_stderr: bool = False) -> Settings:
+    """Settings from the environment, and logging configured once.
+
+    One-shot commands (migrate, doctor, ask) log to stderr so that their stdout is only their
+    answer; the daemon logs to stdout, as a service's log stream.
+    """
     try:
         settings = load_settings()
     except ImageListenerError as exc:
         raise CommandFailed(str(exc)) from exc
-    configure_logging(settings.log_format, settings.log_level, secrets=settings.secret_values())
+    configure_logging(
+        settings.log_format,
+        settings.log_level,
+        stream=sys.stderr if logs_to_stderr else None,
+        secrets=settings.secret_values(),
+    )
     return settings
 
 
@@ -97,7 +107,7 @@ def migrate() -> None:
     """Apply migrations/ to DATABASE_URL (idempotent; records what was applied)."""
     from listener.migrate import apply_migrations
 
-    settings = _settings()
+    settings = _settings(logs_to_stderr=True)
     try:
         applied = apply_migrations(settings.require_database_url())
     except ImageListenerError as exc:
@@ -162,7 +172,7 @@ def doctor(offline: bool) -> None:
     """Check each configured dependency and print one line for each."""
     from listener.doctor import run_checks
 
-    settings = _settings()
+    settings = _settings(logs_to_stderr=True)
     try:
         results = asyncio.run(run_checks(settings, offline=offline))
     except ImageListenerError as exc:
@@ -213,7 +223,7 @@ def ask(
     """Insert an image request as a frontend would, wait for the reply, print it."""
     from listener import ask as asking
 
-    settings = _settings()
+    settings = _settings(logs_to_stderr=True)
     handle = None
     if settings.database_url is not None:
         conninfo = settings.database_url

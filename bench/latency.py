@@ -8,16 +8,20 @@ the timings from the database's own clock:
 * wake-up: request ``created_at`` -> reply row created (the claim that started the work)
 * insert-to-complete: request ``created_at`` -> reply ``updated_at`` when it became complete
 
-Usage: ``python bench/latency.py [--requests 200] [--delay 0]`` (delay = fake generation time).
+``--mode supabase`` runs the daemon with only SUPABASE_URL and the service-role key, in front of
+the local Supabase stand-in (the real PostgREST from npm, the fake Realtime and Storage servers
+of tests/supabase_stack): requests are inserted over PostgREST with a user's JWT, wake-ups come
+over Realtime, images go to the fake Storage.
+
+Usage: ``python bench/latency.py [--mode postgres|supabase] [--requests 200] [--delay 0]``
+(delay = fake generation time in seconds).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from listener.migrate import apply_migrations  # noqa: E402
+from tests.fake_openai import FakeOpenAI  # noqa: E402
+from tests.modes import build_rig  # noqa: E402
 from tests.pg import PostgresServer, connect  # noqa: E402
-from tests.queue_helpers import insert_request, new_chat  # noqa: E402
+from tests.queue_helpers import new_chat  # noqa: E402
+from tests.supabase_stack import SupabaseStack  # noqa: E402
+from tests.supabase_stack.postgrest import INSTALL_HINT, find_postgrest  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,72 +48,57 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--mode", choices=("postgres", "supabase"), default="postgres")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0, help="fake generation seconds")
     args = parser.parse_args()
+    if args.mode == "supabase" and find_postgrest() is None:
+        print(f"bench: PostgREST is not installed: run '{INSTALL_HINT}'", file=sys.stderr)
+        return 1
 
     server = PostgresServer()
     name = server.empty()
     dsn = server.dsn(name)
     apply_migrations(dsn)
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai", "--port", "0", "--delay", str(args.delay)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert fake.stdout is not None
-    base_url = fake.stdout.readline().strip()
+    stacks: list[SupabaseStack] = []
+
+    def make_stack(**kwargs: object) -> SupabaseStack:
+        stack = SupabaseStack(dsn, server.admin_dsn, **kwargs)  # type: ignore[arg-type]
+        stack.start()
+        stacks.append(stack)
+        return stack
+
     images = tempfile.TemporaryDirectory(prefix="il-bench-")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("IMAGE_LISTENER_")},
-        "DATABASE_URL": dsn,
-        "OPENAI_API_KEY": "sk-bench",
-        "OPENAI_BASE_URL": base_url,
-        "IMAGE_LISTENER_IMAGE_DIR": images.name,
-        "IMAGE_LISTENER_LOG_LEVEL": "warning",
-        "IMAGE_LISTENER_LOG_FORMAT": "json",
-    }
-    daemon = subprocess.Popen([sys.executable, "-m", "listener.cli", "run"], cwd=ROOT, env=env)
     try:
-        with connect(dsn) as conn:
-            time.sleep(2.0)  # let the daemon connect and LISTEN
-            user, chat = new_chat(conn)
-            rng = random.Random(7)
-            ids = []
-            for i in range(args.requests):
-                request = insert_request(conn, user, chat, f"bench {i}")
-                ids.append(request)
-                deadline = time.monotonic() + 30
-                while True:
-                    row = conn.execute(
-                        "select status from public.messages where reply_to = %s", (request,)
-                    ).fetchone()
-                    if row and row["status"] == "complete":
-                        break
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"bench: request {i} not complete after 30 s")
-                    time.sleep(0.001)
-                time.sleep(rng.uniform(0.02, 0.06))
-            rows = conn.execute(
-                "select extract(epoch from (r.created_at - q.created_at)) * 1000 as wake_ms,"
-                " extract(epoch from (r.updated_at - q.created_at)) * 1000 as done_ms"
-                " from public.messages q join public.messages r on r.reply_to = q.id"
-                " where q.id = any(%s)",
-                (ids,),
-            ).fetchall()
+        with FakeOpenAI(default_delay_seconds=args.delay) as fake, connect(dsn) as conn:
+            rigs = build_rig(
+                args.mode,
+                database_url=dsn,
+                db=conn,
+                fake=fake,
+                image_dir=Path(images.name),
+                make_stack=make_stack,
+            )
+            rig = next(rigs)
+            try:
+                rig.env |= {"IMAGE_LISTENER_LOG_LEVEL": "info"}
+                rig.start()
+                rows = _measure(rig, conn, args.requests)
+            finally:
+                rigs.close()
     finally:
-        daemon.terminate()
-        daemon.wait(timeout=30)
-        fake.terminate()
-        fake.wait(timeout=10)
+        for stack in stacks:
+            stack.stop()
         server.drop(name)
         server.close()
         images.cleanup()
     wake = [float(r["wake_ms"]) for r in rows]
     done = [float(r["done_ms"]) for r in rows]
-    print(f"requests: {len(rows)} sequential, fake generation delay {args.delay:g}s")
+    print(
+        f"mode {args.mode}: {len(rows)} requests one at a time,"
+        f" fake generation delay {args.delay:g}s"
+    )
     print("metric                  p50      p90      p99      max   (ms)")
     for label, values in (("wake-up (claim)", wake), ("insert-to-complete", done)):
         print(
@@ -113,6 +106,39 @@ def main() -> int:
             f" {percentile(values, 0.99):8.2f} {max(values):8.2f}"
         )
     return 0
+
+
+def _measure(
+    rig: object, conn: psycopg.Connection[dict[str, object]], count: int
+) -> list[dict[str, object]]:
+    """Insert ``count`` requests one at a time as the frontend; timings from the DB clock."""
+    from tests.modes import ModeRig
+
+    assert isinstance(rig, ModeRig)
+    user, chat = new_chat(conn)
+    rng = random.Random(7)
+    ids = []
+    for i in range(count):
+        request = rig.insert_request(user, chat, f"bench {i}")
+        ids.append(request)
+        deadline = time.monotonic() + 30
+        while True:
+            row = conn.execute(
+                "select status from public.messages where reply_to = %s", (request,)
+            ).fetchone()
+            if row and row["status"] == "complete":
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: request {i} not complete after 30 s")
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.02, 0.06))
+    return conn.execute(
+        "select extract(epoch from (r.created_at - q.created_at)) * 1000 as wake_ms,"
+        " extract(epoch from (r.updated_at - q.created_at)) * 1000 as done_ms"
+        " from public.messages q join public.messages r on r.reply_to = q.id"
+        " where q.id = any(%s)",
+        (ids,),
+    ).fetchall()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_process import cli
+from tests.daemon_process import Daemon, cli
 from tests.fake_openai import FakeOpenAI
 from tests.modes import Conn, ModeRig, build_rig
 from tests.queue_helpers import insert_request, new_chat
@@ -121,3 +121,22 @@ def test_half_configured_supabase_stops_start_up_naming_the_variable(
     result = cli("run", env=env)
     assert result.returncode == 1
     assert result.stderr.startswith(f"image-listener: error: {missing}:")
+
+
+def test_hybrid_mode_queues_over_the_database_and_stores_in_supabase(
+    rig: ModeRig, database_url: str
+) -> None:
+    """Both set: queue calls and LISTEN over DATABASE_URL, images in Supabase Storage."""
+    assert rig.stack is not None
+    daemon = Daemon({**rig.env, "DATABASE_URL": database_url})
+    rig.daemons.append(daemon)
+    assert daemon.wait_for_event("daemon_started")["mode"] == "hybrid"
+    daemon.wait_for_event("listening")
+    user, chat = new_chat(rig.db)
+    request = insert_request(rig.db, user, chat, "hybrid")
+    reply = rig.wait_final(request)
+    assert reply["status"] == "complete"
+    assert reply["image_url"].startswith(f"{rig.stack.url}/storage/v1/object/sign/")
+    assert reply["metadata"]["storage"]["bucket"] == "generated-images"
+    assert rig.fetch_image(reply["image_url"]).startswith(b"\x89PNG")
+    assert not [call for call in rig.stack.rest_calls if "/rpc/" in call.path]

@@ -140,3 +140,20 @@ def test_hybrid_mode_queues_over_the_database_and_stores_in_supabase(
     assert reply["metadata"]["storage"]["bucket"] == "generated-images"
     assert rig.fetch_image(reply["image_url"]).startswith(b"\x89PNG")
     assert not [call for call in rig.stack.rest_calls if "/rpc/" in call.path]
+
+
+def test_inserts_between_subscribed_and_streaming_are_still_served(rig: ModeRig) -> None:
+    """SUBSCRIBED can precede the server's streaming: rows inserted in that window produce no
+    event, and only the catch-up claim on "Subscribed to PostgreSQL" finds them in time."""
+    assert rig.stack is not None
+    assert rig.realtime is not None
+    rig.stack.run_coroutine(rig.realtime.delay_streaming(4))
+    daemon = Daemon({**rig.env, **SLOW_POLL})
+    rig.daemons.append(daemon)
+    daemon.wait_for_event("realtime_subscribed")
+    time.sleep(1)  # the claim that SUBSCRIBED triggered is over: it cannot find these rows
+    user, chat = new_chat(rig.db)
+    requests = [insert_request(rig.db, user, chat, f"in the gap {i}") for i in range(3)]
+    for request in requests:
+        assert rig.wait_final(request, timeout=8)["status"] == "complete"
+    assert rig.realtime.events_dropped >= 3, "the window really swallowed the events"

@@ -362,6 +362,8 @@ class _Channel:
     topic: str
     join_ref: str | None
     bindings: list[Binding]
+    #: changes are relayed only once this event is set (see FakeRealtime.delay_streaming)
+    streaming: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(eq=False)
@@ -395,6 +397,7 @@ class FakeRealtime:
         self._audible.set()
         self._relay_paused = False
         self._join_delay = 0.0
+        self._stream_delay = 0.0
         self.joins = 0
         """Join requests answered ``ok`` (rejoins included)."""
         self.rejected_joins = 0
@@ -525,6 +528,13 @@ class FakeRealtime:
         """Answer later joins after ``seconds`` (0 restores prompt replies)."""
         self.faults["delay_subscribed"] += 1
         self._join_delay = max(0.0, seconds)
+
+    async def delay_streaming(self, seconds: float) -> None:
+        """For later joins: reply SUBSCRIBED at once but relay nothing for ``seconds``, then
+        send "Subscribed to PostgreSQL" — the real server's window in which SUBSCRIBED has
+        arrived but its replication listener is not ready yet (0 restores the default)."""
+        self.faults["delay_streaming"] += 1
+        self._stream_delay = max(0.0, seconds)
 
     # --- the websocket endpoint ---
 
@@ -658,8 +668,18 @@ class FakeRealtime:
         if errors:
             message = "Unable to subscribe to changes with given parameters: " + "; ".join(errors)
             await self._send(conn, system_frame(channel.topic, "error", message))
+        elif channel.bindings and self._stream_delay > 0:
+            task = asyncio.create_task(self._start_streaming(conn, channel, self._stream_delay))
+            conn.tasks.add(task)
+            task.add_done_callback(conn.tasks.discard)
         elif channel.bindings:
-            await self._send(conn, system_frame(channel.topic, "ok", "Subscribed to PostgreSQL"))
+            await self._start_streaming(conn, channel, 0.0)
+
+    async def _start_streaming(self, conn: _Connection, channel: _Channel, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        channel.streaming.set()
+        await self._send(conn, system_frame(channel.topic, "ok", "Subscribed to PostgreSQL"))
 
     async def _refresh_token(self, conn: _Connection, channel: _Channel, token: object) -> None:
         # Accepted silently; a bad one ends the channel like an expired JWT does on the server.
@@ -723,6 +743,8 @@ class FakeRealtime:
         for conn in list(self._connections):
             for channel in list(conn.channels.values()):
                 ids = [b.id for b in channel.bindings if b.matches(change)]
-                if ids:
+                if ids and not channel.streaming.is_set():
+                    self.events_dropped += 1  # subscribed, but not streaming yet
+                elif ids:
                     await self._send(conn, change_frame(channel.topic, ids, change))
                     self.events_sent += 1

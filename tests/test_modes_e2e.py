@@ -58,6 +58,10 @@ def test_request_completes_with_a_downloadable_image_of_the_requested_size(rig: 
     assert read_png_size(rig.fetch_image(reply["image_url"])) == (1024, 1536)
     location = reply["metadata"]["storage"]["location"]
     assert location == f"{user}/{chat}/{request}.png"
+    if rig.stack is not None:
+        [upload] = [r for r in rig.stack.storage.requests if r.method == "POST" and r.upsert]
+        assert upload.path == f"/object/generated-images/{location}"
+        assert (upload.content_type, upload.role) == ("image/png", "service_role")
     assert job_of(rig.db, request) is None
 
 

@@ -1,11 +1,21 @@
 -- The work queue behind image requests. The job table lives in a schema the frontend cannot
 -- reach; every state change is one SQL function, executable by the service role (and the
--- owner) only. Jobs exist only while a request is queued or running: completion or giving up
--- deletes the job, so the table stays small and "no job left behind" is checkable.
+-- owner) only. Jobs exist only while a request is unfinished: completion or giving up deletes
+-- the job, so the table stays small and "no job left behind" is checkable.
+--
+-- States: 'queued' (claimable now), 'waiting' (a retry not due before run_at), 'running'
+-- (leased to a worker until lease_expires_at). Every claim path walks a partial index in order
+-- and stops at its limit, so the cost of a claim does not grow with the backlog.
 --
 -- Lease and fencing: a claim sets lease_holder and increments attempts; (lease_holder,
 -- attempts) is the fencing token that complete/fail/release/extend must present, so a worker
 -- whose lease expired and was taken over can never overwrite the new holder's work.
+--
+-- Fairness between users: each queued job has a lane position (lane_seq); claims take the
+-- lowest first. A user's first queued job enters at the position now being served (the lowest
+-- queued lane_seq), each further queued job of the same user one position later. So a user who
+-- floods the queue with thousands of requests gets one job per round, and another user's
+-- single request waits at most about one round, not behind the whole flood.
 
 create schema image_queue;
 revoke all on schema image_queue from public, anon, authenticated;
@@ -15,6 +25,7 @@ create table image_queue.jobs (
   chat_id uuid not null,
   user_id uuid not null,
   state text not null default 'queued',
+  lane_seq bigint not null default 0,
   attempts integer not null default 0,
   run_at timestamptz not null default now(),
   lease_holder text,
@@ -22,14 +33,18 @@ create table image_queue.jobs (
   last_error text,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
-  constraint jobs_state_check check (state in ('queued', 'running')),
+  constraint jobs_state_check check (state in ('queued', 'waiting', 'running')),
   constraint jobs_lease_check check (
     (state = 'running') = (lease_holder is not null and lease_expires_at is not null)
   ),
   constraint jobs_attempts_check check (attempts >= 0)
 );
 
-create index jobs_queued_due_idx on image_queue.jobs (run_at) where state = 'queued';
+create index jobs_queued_lane_idx on image_queue.jobs (lane_seq, created_at)
+  where state = 'queued';
+create index jobs_queued_user_lane_idx on image_queue.jobs (user_id, lane_seq)
+  where state = 'queued';
+create index jobs_waiting_run_at_idx on image_queue.jobs (run_at) where state = 'waiting';
 create index jobs_running_lease_idx on image_queue.jobs (lease_expires_at) where state = 'running';
 
 revoke all on table image_queue.jobs from public, anon, authenticated;
@@ -41,11 +56,22 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  owner uuid;
+  serving bigint;
+  own_last bigint;
 begin
-  insert into image_queue.jobs (request_id, chat_id, user_id)
-  select new.id, new.chat_id, c.user_id
-  from public.chats c
-  where c.id = new.chat_id;
+  select c.user_id into owner from public.chats c where c.id = new.chat_id;
+  if owner is null then
+    return null;  -- the foreign key has already rejected such a row; nothing to queue
+  end if;
+  -- Both are one step of an index scan: enqueueing costs the same with any backlog.
+  select j.lane_seq into serving from image_queue.jobs j
+  where j.state = 'queued' order by j.lane_seq, j.created_at limit 1;
+  select j.lane_seq into own_last from image_queue.jobs j
+  where j.state = 'queued' and j.user_id = owner order by j.lane_seq desc limit 1;
+  insert into image_queue.jobs (request_id, chat_id, user_id, lane_seq)
+  values (new.id, new.chat_id, owner, greatest(coalesce(serving, 0), coalesce(own_last + 1, 0)));
   perform pg_notify('image_requests', new.id::text);
   return null;
 end
@@ -60,9 +86,9 @@ create trigger messages_enqueue_image_request
   execute function image_queue.enqueue_image_request();
 
 -- Claim up to p_limit due jobs: running ones whose lease expired (their worker died or
--- stalled) first, then queued ones whose run_at has come, oldest first. Each half walks its
--- own partial index in order and stops at the limit, so a claim stays cheap with a deep
--- backlog. A job already claimed p_max_attempts times is not handed out again: it ends here
+-- stalled) first, then queued ones in lane order (see fairness above), after moving due
+-- retries into the queue. Each step walks its own partial index in order and stops at its
+-- limit, so a claim stays cheap with a deep backlog. A job already claimed p_max_attempts times is not handed out again: it ends here
 -- with a failed reply, so a request that crashes every worker that touches it cannot block
 -- the queue forever (such jobs count against p_limit; the caller simply claims again).
 create function public.image_jobs_claim(
@@ -107,12 +133,22 @@ begin
     limit p_limit
     for update skip locked
   ) e;
+  -- Retries whose time has come join the queue (keeping their lane position).
+  update image_queue.jobs j
+  set state = 'queued', updated_at = now()
+  where j.request_id in (
+    select w.request_id from image_queue.jobs w
+    where w.state = 'waiting' and w.run_at <= now()
+    order by w.run_at
+    limit 1000
+    for update skip locked
+  );
   if cardinality(picked) < p_limit then
     select coalesce(array_agg(q.request_id), '{}') into queued
     from (
       select j.request_id from image_queue.jobs j
-      where j.state = 'queued' and j.run_at <= now()
-      order by j.run_at
+      where j.state = 'queued'
+      order by j.lane_seq, j.created_at
       limit p_limit - cardinality(picked)
       for update skip locked
     ) q;
@@ -148,8 +184,7 @@ begin
         lease_expires_at = now() + make_interval(secs => p_lease_seconds),
         updated_at = now()
     where j.request_id = any (picked) and j.attempts < p_max_attempts
-    returning j.request_id, j.chat_id, j.user_id, j.attempts, j.lease_expires_at, j.run_at,
-              j.created_at
+    returning j.request_id, j.chat_id, j.user_id, j.attempts, j.lease_expires_at
   ), replies as (
     insert into public.messages as m (chat_id, role, content, message_type, status, reply_to, metadata)
     select l.chat_id, 'assistant', 'Generating image...', 'image', 'generating', l.request_id,
@@ -163,8 +198,7 @@ begin
   select l.request_id, r.id, l.chat_id, l.user_id, q.content, q.options, l.attempts, l.lease_expires_at
   from leased l
   join replies r on r.reply_to = l.request_id
-  join public.messages q on q.id = l.request_id
-  order by l.run_at, l.created_at;
+  join public.messages q on q.id = l.request_id;
 end
 $$;
 
@@ -241,8 +275,8 @@ begin
 end
 $$;
 
--- Record a failed attempt. p_retry_in_seconds not null: queue it again after that delay (the
--- reply stays 'generating'); null: give up with a failed reply carrying the user-safe p_error.
+-- Record a failed attempt. p_retry_in_seconds not null: wait that long, then queue it again
+-- (the reply stays 'generating'); null: give up with a failed reply carrying the user-safe p_error.
 -- p_detail is for operators only and stays in the job table. Returns 'retrying', 'failed',
 -- or 'lease_lost' / 'cancelled'.
 create function public.image_jobs_fail(
@@ -264,7 +298,7 @@ declare
 begin
   if p_retry_in_seconds is not null then
     update image_queue.jobs j
-    set state = 'queued', lease_holder = null, lease_expires_at = null,
+    set state = 'waiting', lease_holder = null, lease_expires_at = null,
         run_at = now() + make_interval(secs => greatest(p_retry_in_seconds, 0)),
         last_error = left(p_detail, 2000), updated_at = now()
     where j.request_id = p_request_id and j.state = 'running'
@@ -331,7 +365,8 @@ security definer
 set search_path = ''
 as $$
   select least(
-    (select min(j.run_at) from image_queue.jobs j where j.state = 'queued'),
+    (select now() where exists (select 1 from image_queue.jobs j where j.state = 'queued')),
+    (select min(j.run_at) from image_queue.jobs j where j.state = 'waiting'),
     (select min(j.lease_expires_at) from image_queue.jobs j where j.state = 'running')
   )
 $$;

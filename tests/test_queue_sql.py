@@ -141,7 +141,7 @@ def test_fail_with_retry_requeues_later_and_keeps_reply_generating(db: Conn) -> 
     assert fail(db, request, "w", job["attempt"], 3600) == "retrying"
     row = job_of(db, request)
     assert row is not None
-    assert row["state"] == "queued"
+    assert row["state"] == "waiting"
     assert row["lease_holder"] is None
     assert row["last_error"] == "HTTP 500 from provider"
     assert claim(db, "w") == []  # not due for an hour

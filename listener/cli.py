@@ -184,6 +184,78 @@ def doctor(offline: bool) -> None:
         raise CommandFailed(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}")
 
 
+def _admin(function: str, **params: Any) -> Any:
+    from listener import admin
+
+    settings = _settings(logs_to_stderr=True)
+    try:
+        return asyncio.run(admin.call(settings, function, params))
+    except ImageListenerError as exc:
+        raise CommandFailed(first_line(exc)) from exc
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
+@click.option("--failures", default=10, show_default=True, help="Recent failures to list.")
+def status(as_json: bool, failures: int) -> None:
+    """Queue depth by state, oldest request, leases by worker, recent failures."""
+    from listener import admin
+
+    snapshot = _admin("image_queue_status", p_failures=failures)
+    click.echo(admin.as_json(snapshot) if as_json else admin.render_status(snapshot))
+
+
+@cli.command()
+@click.argument("request_id", required=False, type=click.UUID)
+@click.option(
+    "--failed-since",
+    metavar="WHEN",
+    help="Retry every request that failed since WHEN (ISO time, or 30m / 2h / 1d ago).",
+)
+def retry(request_id: Any, failed_since: str | None) -> None:
+    """Give a failed request a new attempt (its one reply row goes back to 'generating')."""
+    from listener import admin
+
+    if (request_id is None) == (failed_since is None):
+        raise click.UsageError("give either REQUEST_ID or --failed-since")
+    if failed_since is not None:
+        try:
+            since = admin.parse_since(failed_since)
+        except ImageListenerError as exc:
+            raise CommandFailed(first_line(exc)) from exc
+        count = _admin("image_jobs_retry_failed", p_since=since)
+        click.echo(f"retried {count} failed request(s) since {since.isoformat()}")
+        return
+    result = _admin("image_jobs_retry", p_request_id=request_id)
+    if result != "retried":
+        reasons = {
+            "not_found": "no such image request",
+            "in_progress": "it is still queued or running",
+            "not_failed": "its reply is not 'failed'",
+        }
+        raise CommandFailed(f"request {request_id} not retried: {reasons.get(result, result)}")
+    click.echo(f"request {request_id} retried")
+
+
+@cli.command()
+@click.argument("request_id", type=click.UUID)
+@click.option("--reason", help="Shown to the user as the reply's error.")
+def cancel(request_id: Any, reason: str | None) -> None:
+    """Stop a queued or running request; its reply ends 'failed' with the reason."""
+    result = _admin("image_jobs_cancel", p_request_id=request_id, p_reason=reason)
+    if result != "cancelled":
+        reasons = {"not_found": "no such request", "not_queued": "it is not queued or running"}
+        raise CommandFailed(f"request {request_id} not cancelled: {reasons.get(result, result)}")
+    click.echo(f"request {request_id} cancelled")
+
+
+@cli.command("requeue-stuck")
+def requeue_stuck() -> None:
+    """Put every job whose lease has expired back in the queue now."""
+    count = _admin("image_jobs_requeue_stuck")
+    click.echo(f"requeued {count} job(s) with an expired lease")
+
+
 @cli.command()
 @click.argument("prompt")
 @click.option("--size", help='"auto" or WIDTHxHEIGHT, e.g. 1536x1024.')

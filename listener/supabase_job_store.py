@@ -57,7 +57,8 @@ class SupabaseJobStore:
         self._client = client
         self._call_timeout = call_timeout
 
-    async def _rpc(self, function: str, params: Mapping[str, Any]) -> Any:
+    async def call(self, function: str, params: Mapping[str, Any]) -> Any:
+        """One rpc; errors translated into the core tree (also used by the admin commands)."""
         try:
             async with asyncio.timeout(self._call_timeout):
                 response = await self._client.rpc(function, dict(params)).execute()
@@ -76,7 +77,7 @@ class SupabaseJobStore:
     async def claim(
         self, worker: str, limit: int, lease_seconds: float, max_attempts: int
     ) -> list[ClaimedJob]:
-        rows = await self._rpc(
+        rows = await self.call(
             "image_jobs_claim",
             {
                 "p_worker": worker,
@@ -92,7 +93,7 @@ class SupabaseJobStore:
     ) -> set[UUID]:
         if not held:
             return set()
-        rows = await self._rpc(
+        rows = await self.call(
             "image_jobs_extend",
             {
                 "p_worker": worker,
@@ -107,7 +108,7 @@ class SupabaseJobStore:
     async def complete(
         self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
     ) -> WriteResult:
-        result = await self._rpc(
+        result = await self.call(
             "image_jobs_complete",
             {
                 "p_request_id": str(job.request_id),
@@ -129,7 +130,7 @@ class SupabaseJobStore:
         retry_in_seconds: float | None,
         metadata: Mapping[str, Any],
     ) -> WriteResult:
-        result = await self._rpc(
+        result = await self.call(
             "image_jobs_fail",
             {
                 "p_request_id": str(job.request_id),
@@ -144,14 +145,14 @@ class SupabaseJobStore:
         return WRITE_RESULTS[str(result)]
 
     async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
-        result = await self._rpc(
+        result = await self.call(
             "image_jobs_release",
             {"p_request_id": str(job.request_id), "p_worker": worker, "p_attempt": job.attempt},
         )
         return WRITE_RESULTS[str(result)]
 
     async def next_due(self) -> datetime | None:
-        result = await self._rpc("image_jobs_next_due", {})
+        result = await self.call("image_jobs_next_due", {})
         return None if result is None else datetime.fromisoformat(str(result))
 
 

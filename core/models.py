@@ -28,11 +28,14 @@ class ClaimedJob:
     options: Mapping[str, Any]
     attempt: int
     lease_expires_at: datetime
+    #: when the user inserted the request (end-to-end latency is measured from here)
+    requested_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ClaimedJob:
         """Build from a claim row, whether the driver decoded it or it came as JSON (PostgREST)."""
         expires = row["lease_expires_at"]
+        requested = row.get("requested_at")
         return cls(
             request_id=_uuid(row["request_id"]),
             reply_id=_uuid(row["reply_id"]),
@@ -41,9 +44,8 @@ class ClaimedJob:
             prompt=str(row["prompt"]),
             options=row["options"] if row["options"] is not None else {},
             attempt=int(row["attempt"]),
-            lease_expires_at=expires
-            if isinstance(expires, datetime)
-            else datetime.fromisoformat(str(expires)),
+            lease_expires_at=_timestamp(expires),
+            requested_at=None if requested is None else _timestamp(requested),
         )
 
 
@@ -98,6 +100,10 @@ class StoredImage:
     size_bytes: int
     #: the Supabase Storage bucket, when there is one (with ``location`` it allows re-signing)
     bucket: str | None = None
+
+
+def _timestamp(value: object) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
 def _uuid(value: object) -> UUID:

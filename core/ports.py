@@ -42,6 +42,9 @@ class WriteResult(StrEnum):
 class JobStore(Protocol):
     """The queue's SQL functions. Every write presents (worker, attempt) as its fencing token."""
 
+    #: monotonic time of the last call that reached the database, None before the first
+    last_ok: float | None
+
     async def claim(
         self, worker: str, limit: int, lease_seconds: float, max_attempts: int
     ) -> list[ClaimedJob]:
@@ -79,4 +82,8 @@ class JobStore(Protocol):
 
     async def next_due(self) -> datetime | None:
         """When the earliest job becomes claimable, or None for an empty queue."""
+        ...
+
+    async def status(self) -> dict[str, Any]:
+        """The queue snapshot of ``image_queue_status`` (counts by state, oldest age, leases)."""
         ...

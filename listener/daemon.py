@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,7 +33,9 @@ from core.retry import RetryPolicy
 from listener import migrate
 from listener.job_store import PgJobStore, open_pool
 from listener.local_storage import LocalDirectoryStorage
+from listener.metrics import LiveState, Metrics
 from listener.notifications import PgNotificationSource
+from listener.ops_server import OpsServer, Response
 from listener.processor import JobProcessor, ProcessorConfig
 from listener.realtime_wakeups import RealtimeWakeupSource
 from listener.retrying import RetryingGenerator
@@ -53,9 +56,24 @@ class WakeupSource(Protocol):
 
     healthy: bool
 
+    @property
+    def reconnects(self) -> int:
+        """How often the source had to reconnect or rebuild (for /metrics)."""
+        ...
+
     async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Call ``wake()`` on every hint and after every reconnect, until ``stop`` is set."""
         ...
+
+
+class PollingOnly:
+    """IMAGE_LISTENER_WAKEUP=poll: no push channel; the worker's own timer does the claiming."""
+
+    healthy = True
+    reconnects = 0
+
+    async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        await stop.wait()
 
 
 @dataclass
@@ -153,7 +171,10 @@ async def _transports(
         resources.push_async_callback(pool.close)
         store = PgJobStore(pool, call_timeout=DB_CALL_TIMEOUT_SECONDS)
         wakeups = PgNotificationSource(
-            conninfo, probe_seconds=settings.listen_probe_seconds, probe_timeout=probe_timeout
+            conninfo,
+            probe_seconds=settings.listen_probe_seconds,
+            probe_timeout=probe_timeout,
+            fallback_poll_seconds=settings.poll_only_seconds,
         )
     else:
         assert supabase is not None
@@ -164,6 +185,8 @@ async def _transports(
         wakeups = RealtimeWakeupSource(
             url, key, probe_seconds=settings.listen_probe_seconds, probe_timeout=probe_timeout
         )
+    if settings.wakeup == "poll":
+        wakeups = PollingOnly()
     if supabase is not None:
         storage = SupabaseStorage(
             supabase,
@@ -184,10 +207,18 @@ async def _run_worker(
     drain: bool,
     stop: asyncio.Event,
 ) -> None:
+    polling_only = settings.wakeup == "poll"
+    metrics = Metrics(settings.prices)
     policy = RetryPolicy(tries_per_attempt=settings.tries_per_attempt)
+
+    def on_retry(error: BaseException, retry_number: int, delay: float) -> None:
+        code = error.code if isinstance(error, ImageListenerError) else type(error).__name__
+        metrics.observe_provider_retry(code)
+        log.info("provider_retry", retry=retry_number, delay_s=round(delay, 3), error_code=code)
+
     processor = JobProcessor(
         store=transports.store,
-        generator=RetryingGenerator(generator, policy, on_retry=_log_retry),
+        generator=RetryingGenerator(generator, policy, on_retry=on_retry),
         storage=transports.storage,
         config=ProcessorConfig(
             worker_id=worker_id,
@@ -198,6 +229,7 @@ async def _run_worker(
             log_prompts=settings.log_prompts,
             retry_policy=policy,
         ),
+        metrics=metrics,
     )
     worker = Worker(
         store=transports.store,
@@ -207,22 +239,90 @@ async def _run_worker(
             concurrency=settings.concurrency,
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
-            poll_seconds=settings.poll_seconds,
+            poll_seconds=settings.poll_only_seconds if polling_only else settings.poll_seconds,
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
+            sleep_until_due=not polling_only,
         ),
+        metrics=metrics,
     )
+    ops = _ops_server(settings, transports, worker, metrics)
     log.info(
         "daemon_started",
         **{**settings.log_fields(), "worker_id": worker_id, "mode": mode, "drain": drain},
     )
-    wakeup_task = asyncio.create_task(_supervise(transports.wakeups, worker, stop), name="wakeups")
+    side_tasks = [
+        asyncio.create_task(_supervise(transports.wakeups, worker, stop), name="wakeups"),
+        asyncio.create_task(_watch_loop_lag(metrics), name="loop-lag"),
+    ]
     try:
+        if ops is not None:
+            await ops.start()
         await worker.run(stop, drain=drain)
     finally:
-        wakeup_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await wakeup_task
+        for task in side_tasks:
+            task.cancel()
+        await asyncio.gather(*side_tasks, return_exceptions=True)
+        if ops is not None:
+            await ops.stop()
     log.info("daemon_stopped", claimed=worker.claimed_total)
+
+
+def _ops_server(
+    settings: Settings, transports: Transports, worker: Worker, metrics: Metrics
+) -> OpsServer | None:
+    """/healthz, /readyz and /metrics, unless IMAGE_LISTENER_HTTP_PORT is 0."""
+    if settings.http_port == 0:
+        return None
+    store, wakeups = transports.store, transports.wakeups
+    metrics.in_flight.set_function(lambda: worker.in_flight)
+    live = LiveState(
+        queue_status=store.status,
+        wakeup_state=lambda: {
+            "healthy": float(wakeups.healthy),
+            "reconnects": float(wakeups.reconnects),
+        },
+    )
+    metrics.add_live_collector(live)
+    # The database must have answered recently: the worker calls it at least every poll
+    # interval when idle and every third of a lease when busy.
+    stale_after = max(30.0, settings.poll_seconds * 3, settings.lease_seconds * 0.7)
+
+    async def healthz() -> Response:
+        return Response.json(
+            200, {"status": "ok", "loop_lag_max_ms": round(metrics.loop_lag_max * 1000, 1)}
+        )
+
+    async def readyz() -> Response:
+        problems = []
+        last_ok = store.last_ok
+        if last_ok is None or time.monotonic() - last_ok > stale_after:
+            problems.append("database not reached recently")
+        if not wakeups.healthy:
+            problems.append("wake-up source not connected (polling covers it)")
+        status = 200 if not problems else 503
+        return Response.json(status, {"ready": not problems, "problems": problems})
+
+    async def metrics_endpoint() -> Response:
+        try:
+            await live.refresh()
+        except ImageListenerError as exc:
+            log.warning("queue_snapshot_failed", reason=exc.detail)
+        return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+    return OpsServer(
+        settings.http_host,
+        settings.http_port,
+        {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_endpoint},
+    )
+
+
+async def _watch_loop_lag(metrics: Metrics, interval: float = 0.05) -> None:
+    """Measure how late the loop runs a short timer: stalls from CPU work show up here."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval)
+        metrics.observe_loop_lag(max(0.0, loop.time() - started - interval))
 
 
 async def _supervise(source: WakeupSource, worker: Worker, stop: asyncio.Event) -> None:
@@ -243,12 +343,3 @@ def _on_signal(stop: asyncio.Event, signum: int) -> None:
         return
     log.info("shutdown_requested", signal=signal.Signals(signum).name)
     stop.set()
-
-
-def _log_retry(error: BaseException, retry_number: int, delay: float) -> None:
-    log.info(
-        "provider_retry",
-        retry=retry_number,
-        delay_s=round(delay, 3),
-        error_code=error.code if isinstance(error, ImageListenerError) else type(error).__name__,
-    )

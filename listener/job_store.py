@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from core.errors import DatabaseUnavailable, OperatorError, first_line
@@ -28,6 +30,7 @@ _COMPLETE = "select public.image_jobs_complete(%s, %s, %s, %s, %s::jsonb) as res
 _FAIL = "select public.image_jobs_fail(%s, %s, %s, %s, %s, %s, %s::jsonb) as result"
 _RELEASE = "select public.image_jobs_release(%s, %s, %s) as result"
 _NEXT_DUE = "select public.image_jobs_next_due() as due"
+_STATUS = "select public.image_queue_status(p_failures => 0) as status"
 
 #: what the queue functions return -> what the worker needs to know
 WRITE_RESULTS = {
@@ -40,6 +43,34 @@ WRITE_RESULTS = {
 }
 
 
+class UndecodableJson:
+    """Stands in for a json/jsonb value that PostgreSQL stores but Python's json cannot load
+    (nested deeper than the recursion limit, an integer longer than ``int()`` accepts).
+
+    Only a row written around the validation trigger can hold one. Decoding it must not fail
+    the whole claim, which would fail every job claimed with it; as a value that is no mapping
+    it fails its own job's validation with a user-safe reason instead.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<undecodable JSON: {self.reason}>"
+
+
+def lenient_json_loads(data: str | bytes) -> Any:
+    """``json.loads``, with :class:`UndecodableJson` for what Python cannot represent."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        return UndecodableJson("nested too deeply")
+    except ValueError as exc:
+        return UndecodableJson(type(exc).__name__)
+
+
 def open_pool(conninfo: str, *, max_size: int, timeout: float) -> AsyncConnectionPool:
     """A small pool for the queue calls; not opened yet (``await pool.open()``)."""
     return AsyncConnectionPool(
@@ -49,7 +80,11 @@ def open_pool(conninfo: str, *, max_size: int, timeout: float) -> AsyncConnectio
         timeout=timeout,
         open=False,
         # prepare_threshold=None keeps us compatible with PgBouncer/Supavisor transaction mode.
-        kwargs={"autocommit": True, "prepare_threshold": None},
+        kwargs={
+            "autocommit": True,
+            "prepare_threshold": None,
+            "application_name": "image-listener:worker",
+        },
         check=AsyncConnectionPool.check_connection,
         name="image-listener",
     )
@@ -62,14 +97,19 @@ class PgJobStore:
         self._pool = pool
         # Bounds every call, pool wait included: a half-open socket must not hang the worker.
         self._call_timeout = call_timeout
+        #: monotonic time of the last call that reached the database (readiness)
+        self.last_ok: float | None = None
 
     async def _fetch(self, query: str, params: Sequence[Any]) -> list[dict[str, Any]]:
         try:
             async with asyncio.timeout(self._call_timeout):
                 async with self._pool.connection() as conn:
                     async with conn.cursor(row_factory=dict_row) as cur:
+                        set_json_loads(lenient_json_loads, cur)
                         await cur.execute(query, params)
-                        return await cur.fetchall()
+                        rows = await cur.fetchall()
+            self.last_ok = time.monotonic()
+            return rows
         except TimeoutError as exc:
             raise DatabaseUnavailable(
                 f"database call timed out after {self._call_timeout:g}s"
@@ -130,6 +170,11 @@ class PgJobStore:
     async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
         rows = await self._fetch(_RELEASE, (job.request_id, worker, job.attempt))
         return WRITE_RESULTS[rows[0]["result"]]
+
+    async def status(self) -> dict[str, Any]:
+        rows = await self._fetch(_STATUS, ())
+        status: dict[str, Any] = rows[0]["status"]
+        return status
 
     async def next_due(self) -> datetime | None:
         rows = await self._fetch(_NEXT_DUE, ())

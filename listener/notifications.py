@@ -5,11 +5,18 @@ work: it calls ``wake()`` and the worker claims. It also wakes the worker after 
 (re)connect, because notifications sent while the connection was down are gone for good.
 Liveness: when no notification arrived for ``probe_seconds``, a ``select 1`` must answer within
 ``probe_timeout``; otherwise the connection is dropped and rebuilt with backoff.
+
+Poolers: through PgBouncer or Supavisor in transaction mode LISTEN is accepted but nothing is
+ever delivered. Every new LISTEN connection therefore sends itself a NOTIFY first; when it does
+not come back the source says so (once, as an operator error) and turns into a fast poller, so
+the daemon keeps working, only with one cheap claim query per tick instead of push wake-ups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 from collections.abc import Callable
 
 import psycopg
@@ -18,11 +25,18 @@ import structlog
 from core.errors import DatabaseUnavailable, first_line
 
 CHANNEL = "image_requests"
+#: visible in pg_stat_activity, so operators (and tests) can find the LISTEN connection
+APPLICATION_NAME = "image-listener:listen"
 log = structlog.get_logger("listener.notifications")
 
 
+class ListenUnsupported(Exception):
+    """LISTEN was accepted but a NOTIFY to ourselves never arrived (a transaction pooler)."""
+
+
 class PgNotificationSource:
-    """Runs until ``stop`` is set; ``healthy`` tells whether LISTEN is currently in place."""
+    """Runs until ``stop`` is set; ``healthy`` tells whether wake-ups are in place (LISTEN, or
+    the polling fallback when LISTEN cannot work on this connection)."""
 
     def __init__(
         self,
@@ -30,14 +44,21 @@ class PgNotificationSource:
         *,
         probe_seconds: float,
         probe_timeout: float,
+        fallback_poll_seconds: float = 0.5,
         reconnect_max_seconds: float = 10.0,
     ) -> None:
         self._conninfo = conninfo
         self._probe_seconds = probe_seconds
         self._probe_timeout = probe_timeout
+        self._fallback_poll = fallback_poll_seconds
         self._reconnect_max = reconnect_max_seconds
         self.healthy = False
         self.connects = 0
+        self.polling = False
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.connects - 1)
 
     async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Listen, reconnecting forever with backoff until ``stop`` is set."""
@@ -46,6 +67,16 @@ class PgNotificationSource:
             try:
                 await self._listen_once(wake, stop)
                 backoff = 0.2
+            except ListenUnsupported:
+                log.error(
+                    "listen_unsupported",
+                    advice="LISTEN/NOTIFY does not work through this connection (a pooler in "
+                    "transaction mode?): use a direct or session-mode DATABASE_URL, or set "
+                    "IMAGE_LISTENER_WAKEUP=poll; polling every "
+                    f"{self._fallback_poll:g}s meanwhile",
+                )
+                await self._poll(wake, stop)
+                return
             except DatabaseUnavailable as exc:
                 self.healthy = False
                 log.warning("listen_connection_lost", reason=exc.detail, retry_in_s=backoff)
@@ -56,12 +87,18 @@ class PgNotificationSource:
     async def _listen_once(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         try:
             async with asyncio.timeout(self._probe_timeout):
-                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, application_name=APPLICATION_NAME
+                )
         except (TimeoutError, psycopg.Error) as exc:
             raise DatabaseUnavailable(f"cannot open LISTEN connection: {first_line(exc)}") from exc
         try:
             async with conn:
+                # Notifications that arrive while a probe or the self-test runs reach handlers,
+                # not the notifies() iterator: without this they would be dropped.
+                conn.add_notify_handler(lambda note: wake() if note.channel == CHANNEL else None)
                 await conn.execute(f"listen {CHANNEL}")
+                await self._self_test(conn)
                 self.healthy = True
                 self.connects += 1
                 log.info("listening", channel=CHANNEL, connects=self.connects)
@@ -77,6 +114,36 @@ class PgNotificationSource:
                         await self._probe(conn)
         except (TimeoutError, psycopg.Error) as exc:
             raise DatabaseUnavailable(f"LISTEN connection failed: {first_line(exc)}") from exc
+
+    async def _self_test(self, conn: psycopg.AsyncConnection[object]) -> None:
+        """NOTIFY ourselves on a private channel; a pooler in transaction mode loses it."""
+        channel = f"image_listener_selftest_{os.getpid()}_{secrets.token_hex(3)}"
+        arrived = asyncio.Event()
+
+        def on_note(note: psycopg.Notify) -> None:
+            if note.channel == channel:
+                arrived.set()
+
+        conn.add_notify_handler(on_note)
+        try:
+            await conn.execute(f"listen {channel}")
+            await conn.execute(f"notify {channel}")
+            if not arrived.is_set():
+                async for _ in conn.notifies(timeout=max(2.0, self._probe_timeout)):
+                    if arrived.is_set():
+                        break
+            if not arrived.is_set():
+                raise ListenUnsupported(channel)
+            await conn.execute(f"unlisten {channel}")
+        finally:
+            conn.remove_notify_handler(on_note)
+
+    async def _poll(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        self.polling = True
+        self.healthy = True
+        while not stop.is_set():
+            wake()
+            await _sleep_or_stop(stop, self._fallback_poll)
 
     async def _probe(self, conn: psycopg.AsyncConnection[object]) -> None:
         async with asyncio.timeout(self._probe_timeout):

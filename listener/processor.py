@@ -17,15 +17,28 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError
-from core.models import ClaimedJob, object_path
+from core.models import ClaimedJob, TokenUsage, object_path
 from core.outcome import completion_metadata, failure_metadata
 from core.ports import ImageGenerator, ImageStorage, JobStore, WriteResult
 from core.retry import GiveUp, RetryPolicy, decide_after_failure
-from core.validation import generation_params
+from core.validation import generation_params, safety_identifier
 from listener.logging import prompt_fields
+from listener.metrics import Metrics
 
 log = structlog.get_logger("listener.processor")
 T = TypeVar("T")
+
+
+@dataclass
+class AttemptSummary:
+    """What one attempt came to, for its log line and metrics."""
+
+    outcome: str = "unknown"
+    usage: TokenUsage | None = None
+    error_code: str | None = None
+    error_detail: str | None = None
+    retry_in: float | None = None
+    operator_error: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class JobProcessor:
         config: ProcessorConfig,
         clock: Callable[[], float] = time.monotonic,
         rand: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._generator = generator
@@ -60,41 +74,72 @@ class JobProcessor:
         self._config = config
         self._clock = clock
         self._rand = rand or random.Random()
+        self._metrics = metrics
 
     async def process(self, job: ClaimedJob) -> str:
+        """Run one attempt; returns the outcome that was logged (and counted)."""
         started = self._clock()
         # Each job runs in its own task, hence its own context copy: these fields reach every
         # log line of this attempt, the provider retries' included.
         structlog.contextvars.bind_contextvars(request_id=str(job.request_id), attempt=job.attempt)
-        bound = log.bind(
-            model=self._config.model, **prompt_fields(job.prompt, self._config.log_prompts)
-        )
+        summary = AttemptSummary()
         try:
-            outcome = await self._attempt(job, started)
+            await self._attempt(job, started, summary)
         except ImageListenerError as exc:
-            outcome = await self._record_failure(job, exc, started, bound)
+            await self._record_failure(job, exc, started, summary)
         except Exception as exc:  # a bug of ours: keep the stack for operators, not the user
-            bound.exception("request_attempt_crashed")
-            outcome = await self._record_failure(job, exc, started, bound)
-        else:
-            bound.info(
-                "request_finished",
-                outcome=outcome,
-                duration_ms=round((self._clock() - started) * 1000),
-            )
-        return outcome
+            log.exception("request_attempt_crashed")
+            await self._record_failure(job, exc, started, summary)
+        duration = self._clock() - started
+        self._report(job, summary, duration)
+        return summary.outcome
 
-    async def _attempt(self, job: ClaimedJob, started: float) -> str:
+    def _report(self, job: ClaimedJob, summary: AttemptSummary, duration: float) -> None:
+        """The one summary line per attempt, with what operators filter on; and the metrics."""
+        usage = summary.usage
+        fields: dict[str, object] = {
+            "outcome": summary.outcome,
+            "chat_id": str(job.chat_id),
+            "user": safety_identifier(job.user_id)[:16],
+            "model": self._config.model,
+            "duration_ms": round(duration * 1000),
+            **prompt_fields(job.prompt, self._config.log_prompts),
+        }
+        if usage is not None:
+            fields["input_tokens"] = usage.input_tokens
+            fields["output_tokens"] = usage.output_tokens
+        if summary.error_code is not None:
+            fields["error_code"] = summary.error_code
+            fields["error_detail"] = summary.error_detail
+        if summary.retry_in is not None:
+            fields["retry_in_s"] = round(summary.retry_in, 3)
+        if summary.operator_error:
+            # Bad key, unknown model, no quota: the user got a polite reply, operators must act.
+            log.error("operator_action_required", **fields)
+        log.info("request_finished", **fields)
+        if self._metrics is not None:
+            self._metrics.observe_attempt(
+                job,
+                outcome=summary.outcome,
+                error_code=summary.error_code,
+                duration_seconds=duration,
+                model=self._config.model,
+                usage=usage,
+            )
+
+    async def _attempt(self, job: ClaimedJob, started: float, summary: AttemptSummary) -> None:
         config = self._config
         params = generation_params(job, model=config.model, default_size=config.default_size)
         image = await self._generator.generate(params)
+        summary.usage = image.usage
         # Fence before touching storage: a worker that lost its lease must not overwrite the
         # image the new holder may already have stored at the same path.
         held = await self._store.extend(
             config.worker_id, [(job.request_id, job.attempt)], config.lease_seconds
         )
         if job.request_id not in held:
-            return "lease_lost_before_store"
+            summary.outcome = "lease_lost_before_store"
+            return
         stored = await self._storage.store(object_path(job, image.output_format), image)
         metadata = completion_metadata(
             params,
@@ -109,10 +154,11 @@ class JobProcessor:
         if result is WriteResult.CANCELLED:
             # The request was deleted while we worked: leave nothing behind.
             await self._storage.remove(stored.location)
-            return "cancelled"
-        if result is WriteResult.LEASE_LOST:
-            return "lease_lost"
-        return "complete"
+            summary.outcome = "cancelled"
+        elif result is WriteResult.LEASE_LOST:
+            summary.outcome = "lease_lost"
+        else:
+            summary.outcome = "complete"
 
     async def _write(self, call: Callable[[], Awaitable[T]]) -> T:
         """A final write survives a database blip: retried for up to half a lease.
@@ -132,12 +178,8 @@ class JobProcessor:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _record_failure(
-        self,
-        job: ClaimedJob,
-        error: BaseException,
-        started: float,
-        bound: structlog.typing.FilteringBoundLogger,
-    ) -> str:
+        self, job: ClaimedJob, error: BaseException, started: float, summary: AttemptSummary
+    ) -> None:
         config = self._config
         decision = decide_after_failure(
             error, job.attempt, config.max_attempts, config.retry_policy, self._rand
@@ -162,23 +204,13 @@ class JobProcessor:
             )
         )
         if result is WriteResult.DONE:
-            outcome = "failed" if retry_in is None else "retrying"
+            summary.outcome = "failed" if retry_in is None else "retrying"
         else:
-            outcome = result.value
-        fields = {
-            "outcome": outcome,
-            "error_code": code,
-            "error_detail": detail,
-            "duration_ms": round(duration * 1000),
-        }
-        if retry_in is not None:
-            fields["retry_in_s"] = round(retry_in, 3)
-        if isinstance(error, OperatorError):
-            # Bad key, unknown model, no quota: the user got a polite reply, operators must act.
-            bound.error("operator_action_required", **fields)
-        else:
-            bound.info("request_finished", **fields)
-        return outcome
+            summary.outcome = result.value
+        summary.error_code = code
+        summary.error_detail = detail
+        summary.retry_in = retry_in
+        summary.operator_error = isinstance(error, OperatorError)
 
 
 def error_public_message(error: BaseException) -> str:

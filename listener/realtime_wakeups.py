@@ -75,6 +75,10 @@ class RealtimeWakeupSource:
         self.events = 0
         self.last_event_at: float | None = None
 
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.subscriptions - 1)
+
     async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Keep a subscription alive, rebuilding with backoff, until ``stop`` is set."""
         self._wake = wake

@@ -30,6 +30,17 @@ LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 #: where the queue calls go and where images are stored
 Mode = Literal["postgres", "supabase", "hybrid"]
+#: how the worker learns of new requests: the mode's push channel, or polling only
+Wakeup = Literal["notify", "poll"]
+
+#: USD per million tokens, by model: input text, input image, output image. Editable through
+#: IMAGE_LISTENER_PRICES; unknown models are counted in tokens with no cost.
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gpt-image-2.6-flare": {"input_text": 5.0, "input_image": 8.0, "output_image": 30.0},
+    "gpt-image-2.6-sunburst": {"input_text": 5.0, "input_image": 8.0, "output_image": 30.0},
+    "gpt-image-1.5": {"input_text": 5.0, "input_image": 8.0, "output_image": 32.0},
+    "gpt-image-1-mini": {"input_text": 2.0, "input_image": 2.5, "output_image": 8.0},
+}
 
 _SIZE = re.compile(r"(auto|[1-9][0-9]*x[1-9][0-9]*)")
 # A key with a space or control character would end up in an HTTP header, where httpx rejects it
@@ -197,6 +208,36 @@ class Settings(BaseSettings):
         validation_alias=_env("WORKER_ID"),
         description="Name of this worker in leases and logs; unset means <hostname>-<pid>",
     )
+    wakeup: Wakeup = Field(
+        default="notify",
+        validation_alias=_env("WAKEUP"),
+        description="notify (LISTEN or Realtime, plus the timer) or poll (timer only, for poolers)",
+    )
+    poll_only_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias=_env("POLL_ONLY_SECONDS"),
+        description="Claim interval when WAKEUP=poll (one cheap indexed query per tick)",
+    )
+    http_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        validation_alias=_env("HTTP_PORT"),
+        description="Port of /healthz, /readyz and /metrics; 0 turns the server off",
+    )
+    http_host: str = Field(
+        default="0.0.0.0",
+        min_length=1,
+        validation_alias=_env("HTTP_HOST"),
+        description="Address the health and metrics server binds to",
+    )
+    prices: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES),
+        validation_alias=_env("PRICES"),
+        description="JSON: model -> USD per 1M tokens (input_text, input_image, output_image)",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -210,7 +251,19 @@ class Settings(BaseSettings):
         """Only explicit values: the environment is read by :func:`load_settings`, no .env file."""
         return (init_settings,)
 
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _parse_prices(cls, value: object) -> object:
+        if isinstance(value, str):
+            import json
+
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError("must be a JSON object of model -> prices") from exc
+        return value
+
+    @field_validator("log_format", "log_level", "wakeup", mode="before")
     @classmethod
     def _lowercase(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -410,6 +463,10 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def _default_label(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        import json
+
+        return json.dumps(field.default_factory(), separators=(",", ":"))  # type: ignore[call-arg]
     default = field.default
     if default is None:
         return "unset"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -56,6 +57,8 @@ class SupabaseJobStore:
     def __init__(self, client: AsyncClient, *, call_timeout: float) -> None:
         self._client = client
         self._call_timeout = call_timeout
+        #: monotonic time of the last call PostgREST answered (readiness)
+        self.last_ok: float | None = None
 
     async def call(self, function: str, params: Mapping[str, Any]) -> Any:
         """One rpc; errors translated into the core tree (also used by the admin commands)."""
@@ -72,6 +75,14 @@ class SupabaseJobStore:
             raise DatabaseUnavailable(
                 f"PostgREST call {function} failed: {type(exc).__name__}"
             ) from exc
+        except (RecursionError, ValueError) as exc:
+            # postgrest-py's json decoding: nesting deeper than Python's recursion limit, or an
+            # integer longer than int() accepts. Only a row written around the validation
+            # trigger holds such options; failing the call beats killing the worker.
+            raise OperatorError(
+                f"PostgREST call {function}: the answer could not be decoded ({type(exc).__name__})"
+            ) from exc
+        self.last_ok = time.monotonic()
         return response.data
 
     async def claim(
@@ -86,7 +97,10 @@ class SupabaseJobStore:
                 "p_max_attempts": max_attempts,
             },
         )
-        return [ClaimedJob.from_row(row) for row in rows or []]
+        if not isinstance(rows, list):
+            # postgrest-py hands back the raw text of an answer that is not JSON at all.
+            raise OperatorError("PostgREST call image_jobs_claim: the answer could not be decoded")
+        return [ClaimedJob.from_row(row) for row in rows]
 
     async def extend(
         self, worker: str, held: Sequence[tuple[UUID, int]], lease_seconds: float
@@ -150,6 +164,10 @@ class SupabaseJobStore:
             {"p_request_id": str(job.request_id), "p_worker": worker, "p_attempt": job.attempt},
         )
         return WRITE_RESULTS[str(result)]
+
+    async def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = await self.call("image_queue_status", {"p_failures": 0})
+        return status
 
     async def next_due(self) -> datetime | None:
         result = await self.call("image_jobs_next_due", {})

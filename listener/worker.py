@@ -21,6 +21,7 @@ import structlog
 from core.errors import DatabaseUnavailable, ImageListenerError
 from core.models import ClaimedJob
 from core.ports import JobStore, WriteResult
+from listener.metrics import Metrics
 from listener.processor import JobProcessor
 
 log = structlog.get_logger("listener.worker")
@@ -38,13 +39,24 @@ class WorkerConfig:
     shutdown_grace_seconds: float
     #: a release on shutdown must not hang the exit
     release_timeout_seconds: float = 5.0
+    #: ask the queue when the next job is due before sleeping (off when polling every tick
+    #: anyway: then each idle tick costs exactly one query, the claim)
+    sleep_until_due: bool = True
 
 
 class Worker:
     """One process's share of the queue. ``run`` returns after ``stop`` is set and work is safe."""
 
-    def __init__(self, *, store: JobStore, processor: JobProcessor, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        processor: JobProcessor,
+        config: WorkerConfig,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._store = store
+        self._metrics = metrics
         self._processor = processor
         self._config = config
         self._wake = asyncio.Event()
@@ -97,6 +109,8 @@ class Worker:
                     continue
                 failures = 0
                 self.last_claim_ok = datetime.now(UTC)
+                if self._metrics is not None and claimed:
+                    self._metrics.observe_claimed(len(claimed))
                 for job in claimed:
                     self._start(job)
                 if len(claimed) == free:
@@ -115,7 +129,7 @@ class Worker:
 
     async def _idle_wait(self, stop: asyncio.Event, *, at_capacity: bool) -> None:
         timeout = self._config.poll_seconds
-        if not at_capacity:
+        if not at_capacity and self._config.sleep_until_due:
             try:
                 due = await self._store.next_due()
             except ImageListenerError:

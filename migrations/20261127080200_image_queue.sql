@@ -105,7 +105,8 @@ returns table (
   prompt text,
   options jsonb,
   attempt integer,
-  lease_expires_at timestamptz
+  lease_expires_at timestamptz,
+  requested_at timestamptz
 )
 language plpgsql
 security definer
@@ -195,7 +196,8 @@ begin
           metadata = m.metadata || jsonb_build_object('attempt', excluded.metadata -> 'attempt')
     returning m.id, m.reply_to
   )
-  select l.request_id, r.id, l.chat_id, l.user_id, q.content, q.options, l.attempts, l.lease_expires_at
+  select l.request_id, r.id, l.chat_id, l.user_id, q.content, q.options, l.attempts,
+         l.lease_expires_at, q.created_at
   from leased l
   join replies r on r.reply_to = l.request_id
   join public.messages q on q.id = l.request_id;

@@ -33,6 +33,8 @@ def listener_env(
             "IMAGE_LISTENER_LOG_FORMAT": "json",
             "IMAGE_LISTENER_OPENAI_TIMEOUT_SECONDS": "10",
             "IMAGE_LISTENER_SHUTDOWN_GRACE_SECONDS": "10",
+            # several daemons run side by side: the ops server only where a test asks for it
+            "IMAGE_LISTENER_HTTP_PORT": "0",
         }
     )
     env.update(overrides)
@@ -56,14 +58,21 @@ def cli(
 class Daemon:
     """``image-listener run`` in a subprocess; stdout JSON log lines are collected as they come."""
 
-    def __init__(self, env: Mapping[str, str], *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "listener.cli", "run", *args],
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    def __init__(self, env: Mapping[str, str], *args: str, stderr_path: Path | None = None) -> None:
+        # A long run (chaos tests) sends stderr to a file: an unread pipe would fill and block.
+        self._stderr_path = stderr_path
+        stderr_file = None if stderr_path is None else stderr_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "listener.cli", "run", *args],
+                env=dict(env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE if stderr_file is None else stderr_file,
+                text=True,
+            )
+        finally:
+            if stderr_file is not None:
+                stderr_file.close()
         self.lines: list[str] = []
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -104,6 +113,8 @@ class Daemon:
         stderr = ""
         if self.proc.poll() is not None and self.proc.stderr is not None:
             stderr = self.proc.stderr.read()
+        elif self._stderr_path is not None and self._stderr_path.exists():
+            stderr = self._stderr_path.read_text(errors="replace")
         return "".join(self.lines) + stderr
 
     def stop(self) -> None:

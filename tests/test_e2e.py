@@ -209,7 +209,7 @@ def test_listen_connection_killed_is_rebuilt_and_wakeups_stay_fast(
     daemon = start(daemons, slow_poll)
     killed = db.execute(
         "select pg_terminate_backend(pid) as ok from pg_stat_activity"
-        " where datname = current_database() and query ilike 'listen %'"
+        " where datname = current_database() and application_name = 'image-listener:listen'"
     ).fetchall()
     assert killed
     assert all(row["ok"] for row in killed)

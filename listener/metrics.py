@@ -1,0 +1,182 @@
+"""Prometheus metrics of one listener process, on a registry of its own.
+
+Counters and histograms are fed by the processor (one call per finished attempt), the retry
+hook and the event-loop lag monitor; queue depth and the wake-up source's state are read when
+Prometheus scrapes (the queue snapshot is cached a few seconds, so scrapes stay cheap).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from core.models import ClaimedJob, TokenUsage
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 240, 600)
+_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    """Everything /metrics shows; ``observe_*`` methods are what the daemon calls."""
+
+    def __init__(self, prices: Mapping[str, Mapping[str, float]]) -> None:
+        self.registry = CollectorRegistry()
+        self._prices = prices
+        r = self.registry
+        self.claimed = Counter(
+            "image_listener_requests_claimed", "Requests claimed (attempts started)", registry=r
+        )
+        self.finished = Counter(
+            "image_listener_attempts_finished",
+            "Attempts finished, by outcome (complete, failed, retrying, cancelled, lease_lost)",
+            ["outcome"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "image_listener_attempt_failures",
+            "Failed attempts by error code (retried or final)",
+            ["reason"],
+            registry=r,
+        )
+        self.provider_retries = Counter(
+            "image_listener_provider_retries",
+            "Provider calls repeated within an attempt, by error code",
+            ["reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "image_listener_provider_rate_limited", "Provider answers of 429", registry=r
+        )
+        self.generation_seconds = Histogram(
+            "image_listener_generation_seconds",
+            "Time of one attempt from claim to its final write",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "image_listener_end_to_end_seconds",
+            "From the user's insert to the complete reply",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "image_listener_in_flight", "Attempts running in this process", registry=r
+        )
+        self.tokens = Counter(
+            "image_listener_tokens",
+            "Tokens reported by the provider",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "image_listener_cost_usd",
+            "Estimated provider cost from tokens and IMAGE_LISTENER_PRICES",
+            ["model"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "image_listener_event_loop_lag_seconds",
+            "How late the event loop ran a 50 ms timer",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = 0.0
+
+    def observe_claimed(self, count: int) -> None:
+        self.claimed.inc(count)
+
+    def observe_attempt(
+        self,
+        job: ClaimedJob,
+        *,
+        outcome: str,
+        error_code: str | None,
+        duration_seconds: float,
+        model: str,
+        usage: TokenUsage | None,
+    ) -> None:
+        """One finished attempt (called by the processor)."""
+        self.finished.labels(outcome=outcome).inc()
+        self.generation_seconds.observe(duration_seconds)
+        if error_code is not None:
+            self.failures.labels(reason=error_code).inc()
+        if outcome == "complete" and job.requested_at is not None:
+            waited = (datetime.now(UTC) - job.requested_at).total_seconds()
+            self.end_to_end_seconds.observe(max(0.0, waited))
+        if usage is not None:
+            self._count_tokens(model, usage)
+
+    def _count_tokens(self, model: str, usage: TokenUsage) -> None:
+        input_tokens, output_tokens = usage.input_tokens or 0, usage.output_tokens or 0
+        self.tokens.labels(model=model, kind="input").inc(input_tokens)
+        self.tokens.labels(model=model, kind="output").inc(output_tokens)
+        price = self._prices.get(model)
+        if price is not None:
+            # Text-to-image requests carry text only: input is priced as text.
+            cost = (
+                input_tokens * price.get("input_text", 0.0)
+                + output_tokens * price.get("output_image", 0.0)
+            ) / 1_000_000
+            self.cost.labels(model=model).inc(cost)
+
+    def observe_provider_retry(self, reason: str) -> None:
+        self.provider_retries.labels(reason=reason).inc()
+        if reason == "rate_limited":
+            self.rate_limited.inc()
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
+        self.loop_lag_max = max(self.loop_lag_max, seconds)
+
+    def add_live_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LiveState(Collector):
+    """Gauges read at scrape time: queue depth (cached), wake-up source state, in flight."""
+
+    def __init__(
+        self,
+        *,
+        queue_status: Callable[[], Awaitable[Mapping[str, Any]]],
+        wakeup_state: Callable[[], Mapping[str, float]],
+        cache_seconds: float = 5.0,
+    ) -> None:
+        self._queue_status = queue_status
+        self._wakeup_state = wakeup_state
+        self._cache_seconds = cache_seconds
+        self._snapshot: Mapping[str, Any] | None = None
+        self._taken_at = 0.0
+
+    async def refresh(self) -> None:
+        """Take a new queue snapshot if the cached one is older than the cache period."""
+        if self._snapshot is None or time.monotonic() - self._taken_at >= self._cache_seconds:
+            self._snapshot = await self._queue_status()
+            self._taken_at = time.monotonic()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "image_listener_queue_depth", "Unfinished requests by state", labels=["state"]
+        )
+        oldest = GaugeMetricFamily(
+            "image_listener_oldest_unfinished_seconds", "Age of the oldest unfinished request"
+        )
+        if self._snapshot is not None:
+            for state, count in self._snapshot["jobs"].items():
+                depth.add_metric([state], float(count))
+            oldest.add_metric([], float(self._snapshot.get("oldest_queued_seconds") or 0.0))
+        yield depth
+        yield oldest
+        for name, value in self._wakeup_state().items():
+            family = GaugeMetricFamily(f"image_listener_wakeup_{name}", f"Wake-up source {name}")
+            family.add_metric([], value)
+            yield family

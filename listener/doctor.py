@@ -87,13 +87,15 @@ async def _check_database(conninfo: str) -> str:
 
 
 async def _check_listen(conninfo: str) -> str:
-    channel = f"image_listener_doctor_{secrets.token_hex(4)}"
+    from listener.notifications import listen_round_trip
+
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        await conn.execute(f"listen {channel}")
-        await conn.execute(f"notify {channel}, 'ping'")
-        async for _ in conn.notifies(timeout=5.0, stop_after=1):
+        if await listen_round_trip(conn, wait_seconds=5.0):
             return "LISTEN/NOTIFY round trip works"
-    raise RuntimeError("a NOTIFY did not come back on LISTEN (a pooler in transaction mode?)")
+    raise RuntimeError(
+        "a NOTIFY did not come back on LISTEN (a pooler in transaction mode?): use a direct "
+        "or session-mode DATABASE_URL, or set IMAGE_LISTENER_WAKEUP=poll"
+    )
 
 
 async def _check_postgrest(settings: Settings) -> str:

@@ -18,6 +18,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import structlog
@@ -64,6 +65,7 @@ class PgNotificationSource:
         """Listen, reconnecting forever with backoff until ``stop`` is set."""
         backoff = 0.2
         while not stop.is_set():
+            connects = self.connects
             try:
                 await self._listen_once(wake, stop)
                 backoff = 0.2
@@ -79,6 +81,8 @@ class PgNotificationSource:
                 return
             except DatabaseUnavailable as exc:
                 self.healthy = False
+                if self.connects > connects:
+                    backoff = 0.2  # it was listening: a new outage, not more of the last one
                 log.warning("listen_connection_lost", reason=exc.detail, retry_in_s=backoff)
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, self._reconnect_max)
@@ -98,7 +102,8 @@ class PgNotificationSource:
                 # not the notifies() iterator: without this they would be dropped.
                 conn.add_notify_handler(lambda note: wake() if note.channel == CHANNEL else None)
                 await conn.execute(f"listen {CHANNEL}")
-                await self._self_test(conn)
+                if not await listen_round_trip(conn, wait_seconds=max(2.0, self._probe_timeout)):
+                    raise ListenUnsupported("a NOTIFY to ourselves never arrived")
                 self.healthy = True
                 self.connects += 1
                 log.info("listening", channel=CHANNEL, connects=self.connects)
@@ -115,29 +120,6 @@ class PgNotificationSource:
         except (TimeoutError, psycopg.Error) as exc:
             raise DatabaseUnavailable(f"LISTEN connection failed: {first_line(exc)}") from exc
 
-    async def _self_test(self, conn: psycopg.AsyncConnection[object]) -> None:
-        """NOTIFY ourselves on a private channel; a pooler in transaction mode loses it."""
-        channel = f"image_listener_selftest_{os.getpid()}_{secrets.token_hex(3)}"
-        arrived = asyncio.Event()
-
-        def on_note(note: psycopg.Notify) -> None:
-            if note.channel == channel:
-                arrived.set()
-
-        conn.add_notify_handler(on_note)
-        try:
-            await conn.execute(f"listen {channel}")
-            await conn.execute(f"notify {channel}")
-            if not arrived.is_set():
-                async for _ in conn.notifies(timeout=max(2.0, self._probe_timeout)):
-                    if arrived.is_set():
-                        break
-            if not arrived.is_set():
-                raise ListenUnsupported(channel)
-            await conn.execute(f"unlisten {channel}")
-        finally:
-            conn.remove_notify_handler(on_note)
-
     async def _poll(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         self.polling = True
         self.healthy = True
@@ -148,6 +130,31 @@ class PgNotificationSource:
     async def _probe(self, conn: psycopg.AsyncConnection[object]) -> None:
         async with asyncio.timeout(self._probe_timeout):
             await conn.execute("select 1")
+
+
+async def listen_round_trip(conn: psycopg.AsyncConnection[Any], *, wait_seconds: float) -> bool:
+    """NOTIFY ourselves on a private channel: False when it never arrives (a pooler in
+    transaction mode accepts LISTEN but delivers nothing)."""
+    channel = f"image_listener_selftest_{os.getpid()}_{secrets.token_hex(3)}"
+    arrived = asyncio.Event()
+
+    def on_note(note: psycopg.Notify) -> None:
+        if note.channel == channel:
+            arrived.set()
+
+    # A notification that arrives while a command runs goes to handlers, not to notifies().
+    conn.add_notify_handler(on_note)
+    try:
+        await conn.execute(f"listen {channel}")
+        await conn.execute(f"notify {channel}")
+        if not arrived.is_set():
+            async for _ in conn.notifies(timeout=wait_seconds):
+                if arrived.is_set():
+                    break
+        await conn.execute(f"unlisten {channel}")
+    finally:
+        conn.remove_notify_handler(on_note)
+    return arrived.is_set()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

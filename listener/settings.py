@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 from urllib.parse import unquote, urlsplit
 
 import annotated_types
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -273,6 +275,20 @@ class Settings(BaseSettings):
     def _check_api_key(cls, value: object) -> object:
         if isinstance(value, str) and not _API_KEY.fullmatch(value):
             raise ValueError("must be printable ASCII without spaces")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        # Parsed here, once, by libpq's own parser: its errors quote the URL or the token it
+        # cannot read (the password, say), so a malformed value must never reach a connect().
+        if value is not None:
+            try:
+                conninfo_to_dict(value)
+            except (psycopg.Error, UnicodeError):
+                raise ValueError(
+                    "must be a PostgreSQL connection URL (postgresql://...) or key=value string"
+                ) from None
         return value
 
     @field_validator("openai_base_url", "image_base_url", "supabase_url")

@@ -17,6 +17,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError
+from core.lease import lease_certainly_held
 from core.models import ClaimedJob, TokenUsage, object_path
 from core.outcome import completion_metadata, failure_metadata
 from core.ports import ImageGenerator, ImageStorage, JobStore, WriteResult
@@ -76,15 +77,22 @@ class JobProcessor:
         self._rand = rand or random.Random()
         self._metrics = metrics
 
-    async def process(self, job: ClaimedJob) -> str:
-        """Run one attempt; returns the outcome that was logged (and counted)."""
+    async def process(
+        self, job: ClaimedJob, lease_confirmed_at: Callable[[], float] | None = None
+    ) -> str:
+        """Run one attempt; returns the outcome that was logged (and counted).
+
+        ``lease_confirmed_at`` gives the monotonic time just before the database last granted
+        or renewed this lease (see :mod:`core.lease`); without it the lease is always re-checked
+        before the image is stored.
+        """
         started = self._clock()
         # Each job runs in its own task, hence its own context copy: these fields reach every
         # log line of this attempt, the provider retries' included.
         structlog.contextvars.bind_contextvars(request_id=str(job.request_id), attempt=job.attempt)
         summary = AttemptSummary()
         try:
-            await self._attempt(job, started, summary)
+            await self._attempt(job, started, summary, lease_confirmed_at)
         except ImageListenerError as exc:
             await self._record_failure(job, exc, started, summary)
         except Exception as exc:  # a bug of ours: keep the stack for operators, not the user
@@ -127,19 +135,30 @@ class JobProcessor:
                 usage=usage,
             )
 
-    async def _attempt(self, job: ClaimedJob, started: float, summary: AttemptSummary) -> None:
+    async def _attempt(
+        self,
+        job: ClaimedJob,
+        started: float,
+        summary: AttemptSummary,
+        lease_confirmed_at: Callable[[], float] | None,
+    ) -> None:
         config = self._config
         params = generation_params(job, model=config.model, default_size=config.default_size)
         image = await self._generator.generate(params)
         summary.usage = image.usage
         # Fence before touching storage: a worker that lost its lease must not overwrite the
-        # image the new holder may already have stored at the same path.
-        held = await self._store.extend(
-            config.worker_id, [(job.request_id, job.attempt)], config.lease_seconds
+        # image the new holder may already have stored at the same path. Within the trusted
+        # share of a fresh lease nobody else can hold it, and the round trip is skipped.
+        fresh = lease_confirmed_at is not None and lease_certainly_held(
+            lease_confirmed_at(), self._clock(), config.lease_seconds
         )
-        if job.request_id not in held:
-            summary.outcome = "lease_lost_before_store"
-            return
+        if not fresh:
+            held = await self._store.extend(
+                config.worker_id, [(job.request_id, job.attempt)], config.lease_seconds
+            )
+            if job.request_id not in held:
+                summary.outcome = "lease_lost_before_store"
+                return
         stored = await self._storage.store(object_path(job, image.output_format), image)
         metadata = completion_metadata(
             params,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
@@ -61,6 +62,8 @@ class Worker:
         self._config = config
         self._wake = asyncio.Event()
         self._running: dict[UUID, tuple[ClaimedJob, asyncio.Task[str]]] = {}
+        #: monotonic time just before the request that last granted or renewed each lease
+        self._confirmed: dict[UUID, float] = {}
         self.claimed_total = 0
         self.last_claim_ok: datetime | None = None
 
@@ -94,6 +97,7 @@ class Worker:
             claimed: list[ClaimedJob] = []
             if free > 0:
                 self._wake.clear()
+                asked_at = time.monotonic()
                 try:
                     claimed = await self._store.claim(
                         self._config.worker_id,
@@ -112,7 +116,7 @@ class Worker:
                 if self._metrics is not None and claimed:
                     self._metrics.observe_claimed(len(claimed))
                 for job in claimed:
-                    self._start(job)
+                    self._start(job, asked_at)
                 if len(claimed) == free:
                     continue  # there may be more waiting
             if drain and not claimed and not self._running:
@@ -139,9 +143,13 @@ class Worker:
                 timeout = max(0.0, min(timeout, until_due + 0.01))
         await _wait_any(stop, self._wake, seconds=timeout)
 
-    def _start(self, job: ClaimedJob) -> None:
+    def _start(self, job: ClaimedJob, confirmed_at: float) -> None:
         self.claimed_total += 1
-        task = asyncio.create_task(self._processor.process(job), name=f"job-{job.request_id}")
+        self._confirmed[job.request_id] = confirmed_at
+        task = asyncio.create_task(
+            self._processor.process(job, lambda: self._confirmed.get(job.request_id, 0.0)),
+            name=f"job-{job.request_id}",
+        )
         self._running[job.request_id] = (job, task)
         task.add_done_callback(functools.partial(self._finished, job.request_id))
 
@@ -149,6 +157,7 @@ class Worker:
         entry = self._running.get(request_id)
         if entry is not None and entry[1] is task:
             del self._running[request_id]
+            self._confirmed.pop(request_id, None)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             # The final write could not reach the database: the lease will expire and the job
@@ -167,6 +176,7 @@ class Worker:
             held = [(job.request_id, job.attempt) for job, _ in self._running.values()]
             if not held:
                 continue
+            asked_at = time.monotonic()
             try:
                 still_held = await self._store.extend(
                     self._config.worker_id, held, self._config.lease_seconds
@@ -174,6 +184,9 @@ class Worker:
             except DatabaseUnavailable as exc:
                 log.warning("lease_renewal_failed", reason=exc.detail, jobs=len(held))
                 continue
+            for request_id in still_held:
+                if request_id in self._confirmed:
+                    self._confirmed[request_id] = asked_at
             for request_id, _attempt in held:
                 if request_id not in still_held and request_id in self._running:
                     _job, task = self._running[request_id]

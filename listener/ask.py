@@ -36,7 +36,7 @@ class Reply:
 def submit(conninfo: str, prompt: str, options: Mapping[str, str], email: str) -> UUID:
     """Create the user and chat if needed, then insert the request through RLS."""
     try:
-        with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+        with psycopg.connect(conninfo, row_factory=dict_row, prepare_threshold=None) as conn:
             user = conn.execute(
                 "insert into auth.users (email) values (%s) on conflict (email) do update"
                 " set email = excluded.email returning id",
@@ -79,7 +79,11 @@ def wait_for_reply(conninfo: str, request_id: UUID, timeout: float) -> Reply | N
     """Poll until the reply is final (complete or failed); None when ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     try:
-        with psycopg.connect(conninfo, autocommit=True, row_factory=dict_row) as conn:
+        # No server-side prepared statement for the polled query: behind a transaction pooler
+        # it would outlive this command on the pooled session and collide with the next ask's.
+        with psycopg.connect(
+            conninfo, autocommit=True, row_factory=dict_row, prepare_threshold=None
+        ) as conn:
             while True:
                 row = conn.execute(
                     "select status, image_url, error, content, metadata from public.messages"

@@ -43,7 +43,10 @@ async def run_checks(settings: Settings, *, offline: bool) -> list[CheckResult]:
     if mode in ("postgres", "hybrid"):
         conninfo = settings.require_database_url()
         checks.append(("database", lambda: _check_database(conninfo)))
-        checks.append(("listen", lambda: _check_listen(conninfo)))
+        if settings.wakeup == "poll":
+            checks.append(("listen", lambda: _listen_not_used(settings.poll_only_seconds)))
+        else:
+            checks.append(("listen", lambda: _check_listen(conninfo)))
     if mode == "supabase":
         checks.append(("postgrest", lambda: _check_postgrest(settings)))
         checks.append(("realtime", lambda: _check_realtime(settings)))
@@ -90,12 +93,17 @@ async def _check_listen(conninfo: str) -> str:
     from listener.notifications import listen_round_trip
 
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        if await listen_round_trip(conn, wait_seconds=5.0):
+        if await listen_round_trip(conn, conninfo, wait_seconds=5.0):
             return "LISTEN/NOTIFY round trip works"
     raise RuntimeError(
-        "a NOTIFY did not come back on LISTEN (a pooler in transaction mode?): use a direct "
-        "or session-mode DATABASE_URL, or set IMAGE_LISTENER_WAKEUP=poll"
+        "a NOTIFY from another session never arrived on LISTEN (a pooler in transaction mode, "
+        "e.g. PgBouncer or Supavisor port 6543?): use a direct or session-mode DATABASE_URL, "
+        "or set IMAGE_LISTENER_WAKEUP=poll"
     )
+
+
+async def _listen_not_used(poll_seconds: float) -> str:
+    return f"not used (IMAGE_LISTENER_WAKEUP=poll): the worker polls every {poll_seconds:g}s"
 
 
 async def _check_postgrest(settings: Settings) -> str:

@@ -16,7 +16,16 @@ import psycopg
 
 from core.errors import OperatorError, first_line
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+def _migrations_dir() -> Path:
+    """listener/migrations/ in a wheel install (pyproject.toml ships migrations/ there); the
+    repository's migrations/ in a checkout or an editable install."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "migrations"
+    return shipped if shipped.is_dir() else package.parent / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 _FILE_NAME = re.compile(r"^(?P<version>\d{14})_(?P<name>[a-z0-9_]+)\.sql$")
 # Any constant shared by every migrator of this project; hashtext keeps it readable.
 _LOCK_KEY = "image-listener:migrate"

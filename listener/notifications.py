@@ -6,10 +6,11 @@ work: it calls ``wake()`` and the worker claims. It also wakes the worker after 
 Liveness: when no notification arrived for ``probe_seconds``, a ``select 1`` must answer within
 ``probe_timeout``; otherwise the connection is dropped and rebuilt with backoff.
 
-Poolers: through PgBouncer or Supavisor in transaction mode LISTEN is accepted but nothing is
-ever delivered. Every new LISTEN connection therefore sends itself a NOTIFY first; when it does
-not come back the source says so (once, as an operator error) and turns into a fast poller, so
-the daemon keeps working, only with one cheap claim query per tick instead of push wake-ups.
+Poolers: through PgBouncer or Supavisor in transaction mode LISTEN is accepted but no NOTIFY
+from another session is ever delivered. Every new LISTEN connection therefore first gets a
+NOTIFY from a second, short-lived connection; when it does not arrive the source says so (once,
+as an operator error) and turns into a fast poller, so the daemon keeps working, only with one
+cheap claim query per tick instead of push wake-ups.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +34,8 @@ log = structlog.get_logger("listener.notifications")
 
 
 class ListenUnsupported(Exception):
-    """LISTEN was accepted but a NOTIFY to ourselves never arrived (a transaction pooler)."""
+    """LISTEN was accepted but a NOTIFY from another session never arrived (a transaction
+    pooler)."""
 
 
 class PgNotificationSource:
@@ -98,12 +101,14 @@ class PgNotificationSource:
             raise DatabaseUnavailable(f"cannot open LISTEN connection: {first_line(exc)}") from exc
         try:
             async with conn:
-                # Notifications that arrive while a probe or the self-test runs reach handlers,
-                # not the notifies() iterator: without this they would be dropped.
-                conn.add_notify_handler(lambda note: wake() if note.channel == CHANNEL else None)
+                # No notify handler on this connection: notifications that arrive while the
+                # probe runs wait in psycopg's backlog for the next notifies() (and psycopg
+                # warns when a connection uses both mechanisms).
                 await conn.execute(f"listen {CHANNEL}")
-                if not await listen_round_trip(conn, wait_seconds=max(2.0, self._probe_timeout)):
-                    raise ListenUnsupported("a NOTIFY to ourselves never arrived")
+                if not await listen_round_trip(
+                    conn, self._conninfo, wait_seconds=max(2.0, self._probe_timeout)
+                ):
+                    raise ListenUnsupported("a NOTIFY from another session never arrived")
                 self.healthy = True
                 self.connects += 1
                 log.info("listening", channel=CHANNEL, connects=self.connects)
@@ -132,9 +137,15 @@ class PgNotificationSource:
             await conn.execute("select 1")
 
 
-async def listen_round_trip(conn: psycopg.AsyncConnection[Any], *, wait_seconds: float) -> bool:
-    """NOTIFY ourselves on a private channel: False when it never arrives (a pooler in
-    transaction mode accepts LISTEN but delivers nothing)."""
+async def listen_round_trip(
+    conn: psycopg.AsyncConnection[Any], conninfo: str, *, wait_seconds: float
+) -> bool:
+    """Does a NOTIFY sent from a second connection to ``conninfo`` reach LISTEN on ``conn``?
+
+    False behind a pooler in transaction mode. It must come from another session, as real
+    wake-ups do: such a pooler drops those, yet round-trips a NOTIFY sent on ``conn`` itself
+    (same transaction, same server session), which would pass the test falsely.
+    """
     channel = f"image_listener_selftest_{os.getpid()}_{secrets.token_hex(3)}"
     arrived = asyncio.Event()
 
@@ -142,15 +153,20 @@ async def listen_round_trip(conn: psycopg.AsyncConnection[Any], *, wait_seconds:
         if note.channel == channel:
             arrived.set()
 
-    # A notification that arrives while a command runs goes to handlers, not to notifies().
+    # Handlers only, never notifies(): psycopg warns when a connection uses both. Each command
+    # on ``conn`` reads whatever arrived meanwhile and hands it to the handlers.
     conn.add_notify_handler(on_note)
     try:
         await conn.execute(f"listen {channel}")
-        await conn.execute(f"notify {channel}")
-        if not arrived.is_set():
-            async for _ in conn.notifies(timeout=wait_seconds):
-                if arrived.is_set():
-                    break
+        async with await psycopg.AsyncConnection.connect(
+            conninfo, autocommit=True, connect_timeout=max(2, round(wait_seconds))
+        ) as sender:
+            await sender.execute(f"notify {channel}")
+        deadline = time.monotonic() + wait_seconds
+        while not arrived.is_set() and time.monotonic() < deadline:
+            await conn.execute("select 1")
+            if not arrived.is_set():
+                await asyncio.sleep(0.05)
         await conn.execute(f"unlisten {channel}")
     finally:
         conn.remove_notify_handler(on_note)

@@ -57,7 +57,8 @@ declare
   height integer;
 begin
   if new.role is null or new.role not in ('user', 'assistant', 'system') then
-    raise exception 'role must be one of user, assistant, system (got %)', coalesce(quote_literal(new.role), 'null')
+    raise exception 'role must be one of user, assistant, system (got %)',
+      coalesce(quote_literal(left(new.role, 40)), 'null')
       using errcode = 'check_violation';
   end if;
   if new.message_type is null or new.message_type not in ('text', 'image') then

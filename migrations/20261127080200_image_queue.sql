@@ -230,7 +230,6 @@ $$;
 -- Why a fenced write did nothing: the request is gone (cancelled) or someone else holds it.
 create function image_queue.lost_reason(p_request_id uuid) returns text
 language sql stable
-security definer
 set search_path = ''
 as $$
   select case

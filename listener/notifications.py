@@ -50,12 +50,14 @@ class PgNotificationSource:
         probe_timeout: float,
         fallback_poll_seconds: float = 0.5,
         reconnect_max_seconds: float = 10.0,
+        relisten_after_seconds: float = 300.0,
     ) -> None:
         self._conninfo = conninfo
         self._probe_seconds = probe_seconds
         self._probe_timeout = probe_timeout
         self._fallback_poll = fallback_poll_seconds
         self._reconnect_max = reconnect_max_seconds
+        self._relisten_after = relisten_after_seconds
         self.healthy = False
         self.connects = 0
         self.polling = False
@@ -80,8 +82,10 @@ class PgNotificationSource:
                     "IMAGE_LISTENER_WAKEUP=poll; polling every "
                     f"{self._fallback_poll:g}s meanwhile",
                 )
-                await self._poll(wake, stop)
-                return
+                # Poll for a while, then try LISTEN again: the connection may change (a
+                # failover to a direct endpoint, a pooler reconfigured).
+                await self._poll(wake, stop, self._relisten_after)
+                backoff = 0.2
             except DatabaseUnavailable as exc:
                 self.healthy = False
                 if self.connects > connects:
@@ -104,10 +108,14 @@ class PgNotificationSource:
                 # No notify handler on this connection: notifications that arrive while the
                 # probe runs wait in psycopg's backlog for the next notifies() (and psycopg
                 # warns when a connection uses both mechanisms).
-                await conn.execute(f"listen {CHANNEL}")
-                if not await listen_round_trip(
-                    conn, self._conninfo, wait_seconds=max(2.0, self._probe_timeout)
-                ):
+                wait = max(2.0, self._probe_timeout)
+                # Bounded as a whole: a stalled connection is an outage (reconnect with
+                # backoff), not a pooler; only a responsive session that never hears its
+                # NOTIFY is.
+                async with asyncio.timeout(wait + 2 * self._probe_timeout):
+                    await conn.execute(f"listen {CHANNEL}")
+                    heard = await listen_round_trip(conn, self._conninfo, wait_seconds=wait)
+                if not heard:
                     raise ListenUnsupported("a NOTIFY from another session never arrived")
                 self.healthy = True
                 self.connects += 1
@@ -125,12 +133,18 @@ class PgNotificationSource:
         except (TimeoutError, psycopg.Error) as exc:
             raise DatabaseUnavailable(f"LISTEN connection failed: {first_line(exc)}") from exc
 
-    async def _poll(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+    async def _poll(self, wake: Callable[[], None], stop: asyncio.Event, seconds: float) -> None:
+        """Wake the worker every ``fallback_poll_seconds`` for ``seconds`` (or until stopped)."""
         self.polling = True
         self.healthy = True
-        while not stop.is_set():
-            wake()
-            await _sleep_or_stop(stop, self._fallback_poll)
+        deadline = time.monotonic() + seconds
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                wake()
+                await _sleep_or_stop(stop, self._fallback_poll)
+        finally:
+            self.polling = False
+            self.healthy = False
 
     async def _probe(self, conn: psycopg.AsyncConnection[object]) -> None:
         async with asyncio.timeout(self._probe_timeout):

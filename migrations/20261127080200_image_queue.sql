@@ -16,6 +16,11 @@
 -- queued lane_seq), each further queued job of the same user one position later. So a user who
 -- floods the queue with thousands of requests gets one job per round, and another user's
 -- single request waits at most about one round, not behind the whole flood.
+--
+-- Suspects: a job whose lease expired may have killed its worker (a poison request). Such jobs
+-- are taken over one per claim, and never by a worker already running one, so a request that
+-- crashes every process it touches takes no other suspect down with it, and an innocent job
+-- that shared a crashed process loses at most that one attempt to the poison.
 
 create schema image_queue;
 revoke all on schema image_queue from public, anon, authenticated;
@@ -27,6 +32,8 @@ create table image_queue.jobs (
   state text not null default 'queued',
   lane_seq bigint not null default 0,
   attempts integer not null default 0,
+  -- set when a lease expired (its worker died or stalled): see "Suspects" above
+  suspect boolean not null default false,
   run_at timestamptz not null default now(),
   lease_holder text,
   lease_expires_at timestamptz,
@@ -85,9 +92,9 @@ create trigger messages_enqueue_image_request
   when (new.role = 'user' and new.message_type = 'image')
   execute function image_queue.enqueue_image_request();
 
--- Claim up to p_limit due jobs: running ones whose lease expired (their worker died or
--- stalled) first, then queued ones in lane order (see fairness above), after moving due
--- retries into the queue. Each step walks its own partial index in order and stops at its
+-- Claim up to p_limit due jobs: one suspect first (an expired lease, see above) unless this
+-- worker already runs one, then queued ones in lane order (see fairness above), after moving
+-- due retries into the queue. Each step walks its own partial index in order and stops at its
 -- limit, so a claim stays cheap with a deep backlog. A job already claimed p_max_attempts times is not handed out again: it ends here
 -- with a failed reply, so a request that crashes every worker that touches it cannot block
 -- the queue forever (such jobs count against p_limit; the caller simply claims again).
@@ -126,14 +133,31 @@ begin
       using errcode = 'invalid_parameter_value';
   end if;
 
-  select coalesce(array_agg(e.request_id), '{}') into picked
-  from (
-    select j.request_id from image_queue.jobs j
-    where j.state = 'running' and j.lease_expires_at <= now()
-    order by j.lease_expires_at
-    limit p_limit
-    for update skip locked
-  ) e;
+  picked := '{}';
+  if not exists (
+    select 1 from image_queue.jobs j
+    where j.state = 'running' and j.lease_holder = p_worker and j.suspect
+  ) then
+    -- At most one suspect: an expired lease first, else one an operator requeued.
+    select coalesce(array_agg(e.request_id), '{}') into picked
+    from (
+      select j.request_id from image_queue.jobs j
+      where j.state = 'running' and j.lease_expires_at <= now()
+      order by j.lease_expires_at
+      limit 1
+      for update skip locked
+    ) e;
+    if cardinality(picked) = 0 then
+      select coalesce(array_agg(q.request_id), '{}') into picked
+      from (
+        select j.request_id from image_queue.jobs j
+        where j.state = 'queued' and j.suspect
+        order by j.lane_seq, j.created_at
+        limit 1
+        for update skip locked
+      ) q;
+    end if;
+  end if;
   -- Retries whose time has come join the queue (keeping their lane position).
   update image_queue.jobs j
   set state = 'queued', updated_at = now()
@@ -148,7 +172,7 @@ begin
     select coalesce(array_agg(q.request_id), '{}') into queued
     from (
       select j.request_id from image_queue.jobs j
-      where j.state = 'queued'
+      where j.state = 'queued' and not j.suspect
       order by j.lane_seq, j.created_at
       limit p_limit - cardinality(picked)
       for update skip locked
@@ -179,7 +203,8 @@ begin
   return query
   with leased as (
     update image_queue.jobs j
-    set state = 'running',
+    set suspect = j.suspect or j.state = 'running',
+        state = 'running',
         attempts = j.attempts + 1,
         lease_holder = p_worker,
         lease_expires_at = now() + make_interval(secs => p_lease_seconds),
@@ -299,7 +324,7 @@ declare
 begin
   if p_retry_in_seconds is not null then
     update image_queue.jobs j
-    set state = 'waiting', lease_holder = null, lease_expires_at = null,
+    set state = 'waiting', suspect = false, lease_holder = null, lease_expires_at = null,
         run_at = now() + make_interval(secs => greatest(p_retry_in_seconds, 0)),
         last_error = left(p_detail, 2000), updated_at = now()
     where j.request_id = p_request_id and j.state = 'running'

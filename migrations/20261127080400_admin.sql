@@ -151,7 +151,8 @@ declare
   moved integer;
 begin
   update image_queue.jobs j
-  set state = 'queued', lease_holder = null, lease_expires_at = null, updated_at = now()
+  set state = 'queued', suspect = true, lease_holder = null, lease_expires_at = null,
+      updated_at = now()
   where j.state = 'running' and j.lease_expires_at <= now();
   get diagnostics moved = row_count;
   if moved > 0 then

@@ -10,13 +10,18 @@ Use it in-process::
 or as a process (the first stdout line is the base URL; SIGTERM/SIGINT stop it)::
 
     python -m tests.fake_openai --port 0 [--delay 0.5] [--delay-jitter 0.2] [--seed 1]
+                                [--fault-rate 0.2 --fault-seed 7 --fault-hang 30]
+                                [--image-bytes 1500000]
 
 ``POST /v1/images/generations`` answers like the real API: ``{"created", "data": [{"b64_json"}],
 "usage", "background", "output_format", "quality", "size"}`` with an ``x-request-id`` header. The
 image is a solid PNG of the requested size (1024x1024 for ``auto`` or no size), whatever the
-``output_format``. Requests are checked where that is cheap: ``Authorization: Bearer <key>``,
-a non-empty prompt, the size (``auto`` or ``WxH``, both multiples of 16, at most 3840, ratio at
-most 3:1), quality, background, output_format, ``n`` in 1..10, and no ``response_format``.
+``output_format``; ``image_bytes`` (``--image-bytes``) pads it with an ignorable private chunk
+of random bytes to about that size, as large as a real image, for benchmarks that must feel the
+weight of decoding and writing it. Requests are checked where that is cheap:
+``Authorization: Bearer <key>``, a non-empty prompt, the size (``auto`` or ``WxH``, both
+multiples of 16, at most 3840, ratio at most 3:1), quality, background, output_format, ``n`` in
+1..10, and no ``response_format``.
 
 Behaviour is scripted by directives inside the prompt, so each test, and each request within a
 test, controls its own. Calls are counted per exact prompt text; call *k* of a prompt follows the
@@ -31,6 +36,7 @@ Directives (anywhere in the prompt, each in its own brackets)::
     [fake:hang=SECONDS]         sugar: append one ``hang:seconds=SECONDS`` step
     [fake:moderation]           sugar: status=moderation
     [fake:bad-b64]              sugar: status=bad-b64
+    [fake:kill-caller]          sugar: status=kill-caller
 
     STEP := HEAD (":" KEY "=" VALUE)*
     HEAD := a 3-digit HTTP status (an OpenAI-shaped error with a typical code for that status)
@@ -43,6 +49,9 @@ Directives (anywhere in the prompt, each in its own brackets)::
           | no-data      200 with an empty ``data`` list
           | bad-json     200 whose body is not JSON
           | ok           a normal success
+          | kill-caller  SIGKILL the process that made the call, then close without answering
+                         (only a descendant of the server's own process, or a pid that
+                         ``killable`` accepts; otherwise a 400 ``bad_fake_directive``)
     KEY  := retry-after (seconds) | retry-after-ms | code | type | param | seconds
 
 Examples: ``[fake:fail=429:retry-after=0.2,500]``, ``[fake:status=404-model]``, ``[fake:drop=2]``,
@@ -52,12 +61,22 @@ before parameter validation. An unknown directive is answered with a 400 whose c
 up to ``delay_jitter_seconds`` of random extra) models generation time and applies to successful
 generations only; ``[fake:delay=...]`` applies to every call of its prompt.
 
+Server-wide faults (chaos tests): with ``fault_rate`` (``--fault-rate``) that fraction of the
+calls that would otherwise succeed is answered instead, chosen evenly by a generator seeded with
+``fault_seed``, with one of: a 429 with ``retry-after: fault_retry_after_seconds``, a 500, a hang
+of ``fault_hang_seconds`` (set it past the client's timeout) or a dropped connection. They are
+counted in :meth:`FakeOpenAI.fault_counts` and :attr:`FakeOpenAI.faults_injected`.
+
 ``GET /v1/models/{id}`` answers like the real API (401 for a key starting ``sk-rejected``, 404
 for a model id containing ``unknown``), for ``image-listener doctor``.
 
 Inspection: ``GET /_fake/calls`` returns ``{prompt: count}``, ``GET /_fake/requests`` the recorded
-request bodies, ``POST /_fake/reset`` clears both; in-process, :meth:`FakeOpenAI.calls`,
-:meth:`FakeOpenAI.call_counts`, :attr:`FakeOpenAI.total_calls`, :meth:`FakeOpenAI.requests`,
+request bodies, ``GET /_fake/received`` their prompts with the receive time (``time.time()``,
+for latency measurements across processes), ``GET /_fake/stats`` the counts of successes, faults
+and kills, ``POST /_fake/reset`` clears all; in-process, :meth:`FakeOpenAI.calls`,
+:meth:`FakeOpenAI.call_counts`, :attr:`FakeOpenAI.total_calls`, :meth:`FakeOpenAI.successes`
+(images actually sent, per prompt), :meth:`FakeOpenAI.success_counts`,
+:meth:`FakeOpenAI.fault_counts`, :meth:`FakeOpenAI.kills`, :meth:`FakeOpenAI.requests`,
 :meth:`FakeOpenAI.last_request` and :meth:`FakeOpenAI.reset`.
 """
 
@@ -67,19 +86,25 @@ import argparse
 import base64
 import functools
 import json
+import os
 import random
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
+
+import psutil
 
 from core.png import solid_png
 
@@ -104,7 +129,7 @@ class DirectiveError(ValueError):
 class Step:
     """What the server does for one call."""
 
-    kind: str  # ok | error | drop | hang | bad-b64 | no-data | bad-json
+    kind: str  # ok | error | drop | hang | bad-b64 | no-data | bad-json | kill-caller
     status: int = 200
     code: str | None = None
     type: str | None = None
@@ -175,7 +200,11 @@ _NAMED_STEPS: dict[str, Step] = {
     "no-data": Step("no-data"),
     "bad-json": Step("bad-json"),
     "ok": Step("ok"),
+    "kill-caller": Step("kill-caller"),
 }
+
+#: the server-wide fault kinds, drawn evenly for ``fault_rate`` of the would-be successes
+FAULT_KINDS = ("429", "500", "hang", "drop")
 
 
 def parse_step(text: str) -> Step:
@@ -230,7 +259,7 @@ def parse_directives(prompt: str) -> Script:
             steps.extend([_NAMED_STEPS["drop"]] * (int(value) if value else 1))
         elif name == "hang" and value:
             steps.append(Step("hang", seconds=_number(value)))
-        elif name in ("moderation", "bad-b64") and not value:
+        elif name in ("moderation", "bad-b64", "kill-caller") and not value:
             always = _NAMED_STEPS[name]
         else:
             raise DirectiveError(f"unknown directive [fake:{match.group(0)[6:-1]}]")
@@ -248,8 +277,17 @@ def _number(value: str) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def _png_b64(width: int, height: int) -> str:
-    return base64.b64encode(solid_png(width, height)).decode("ascii")
+def _png_b64(width: int, height: int, image_bytes: int = 0) -> str:
+    png = solid_png(width, height)
+    padding = image_bytes - len(png) - 12
+    if padding > 0:
+        # An ancillary, private chunk ("paDd"): decoders skip it; random bytes do not compress,
+        # like real image data. Placed before IEND (the last 12 bytes).
+        filler = random.Random(padding).randbytes(padding)
+        chunk = b"paDd" + filler
+        framed = struct.pack(">I", padding) + chunk + struct.pack(">I", zlib.crc32(chunk))
+        png = png[:-12] + framed + png[-12:]
+    return base64.b64encode(png).decode("ascii")
 
 
 @dataclass
@@ -259,6 +297,8 @@ class RecordedRequest:
     prompt: str
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    #: wall-clock time (``time.time()``) the request was received
+    received_at: float = field(default_factory=time.time)
 
 
 class _Reply(Exception):
@@ -287,14 +327,31 @@ class FakeOpenAI:
         delay_jitter_seconds: float = 0.0,
         seed: int | None = None,
         verbose: bool = False,
+        fault_rate: float = 0.0,
+        fault_seed: int | None = None,
+        fault_hang_seconds: float = _DEFAULT_HANG_SECONDS,
+        fault_retry_after_seconds: float = 0.5,
+        killable: Callable[[int], bool] | None = None,
+        image_bytes: int = 0,
     ) -> None:
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be between 0 and 1, got {fault_rate!r}")
         self._address = (host, port)
         self.default_delay_seconds = default_delay_seconds
         self.delay_jitter_seconds = delay_jitter_seconds
         self.verbose = verbose
+        self.fault_rate = fault_rate
+        self.fault_hang_seconds = fault_hang_seconds
+        self.fault_retry_after_seconds = fault_retry_after_seconds
+        self.image_bytes = image_bytes
+        self._killable = killable or _is_descendant
         self._random = random.Random(seed)
+        self._fault_random = random.Random(fault_seed)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self._successes: Counter[str] = Counter()
+        self._faults: Counter[str] = Counter()
+        self._kills: list[int] = []
         self._recorded: deque[RecordedRequest] = deque(maxlen=_MAX_RECORDED)
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
@@ -366,6 +423,32 @@ class FakeOpenAI:
         with self._lock:
             return sum(self._counts.values())
 
+    def successes(self, prompt: str) -> int:
+        """How many images were actually sent for this prompt (a 200 with image data)."""
+        with self._lock:
+            return self._successes[prompt]
+
+    def success_counts(self) -> dict[str, int]:
+        """``{prompt: images sent}`` for every prompt that got one."""
+        with self._lock:
+            return dict(self._successes)
+
+    def fault_counts(self) -> dict[str, int]:
+        """Server-wide faults injected so far, by kind (``429``, ``500``, ``hang``, ``drop``)."""
+        with self._lock:
+            return dict(self._faults)
+
+    @property
+    def faults_injected(self) -> int:
+        """All server-wide faults injected so far."""
+        with self._lock:
+            return sum(self._faults.values())
+
+    def kills(self) -> list[int]:
+        """The pids that ``kill-caller`` sent SIGKILL to, in order."""
+        with self._lock:
+            return list(self._kills)
+
     def requests(self) -> list[RecordedRequest]:
         """The most recent requests (up to 1000), oldest first."""
         with self._lock:
@@ -384,6 +467,9 @@ class FakeOpenAI:
         with self._lock:
             self._counts.clear()
             self._recorded.clear()
+            self._successes.clear()
+            self._faults.clear()
+            self._kills.clear()
 
     # -- used by the handler -----------------------------------------------------------------
 
@@ -392,6 +478,41 @@ class FakeOpenAI:
             self._counts[prompt] += 1
             self._recorded.append(RecordedRequest(prompt, body, headers))
             return self._counts[prompt]
+
+    def _draw_fault(self) -> Step | None:
+        """A server-wide fault for this would-be success, or None (``fault_rate`` of the time)."""
+        if self.fault_rate <= 0:
+            return None
+        with self._lock:
+            if self._fault_random.random() >= self.fault_rate:
+                return None
+            kind = self._fault_random.choice(FAULT_KINDS)
+            self._faults[kind] += 1
+        if kind == "429":
+            return replace(parse_step("429"), retry_after=f"{self.fault_retry_after_seconds:g}")
+        if kind == "500":
+            return parse_step("500")
+        if kind == "hang":
+            return Step("hang", seconds=self.fault_hang_seconds)
+        return Step("drop")
+
+    def _count_success(self, prompt: str) -> None:
+        with self._lock:
+            self._successes[prompt] += 1
+
+    def _kill_caller(self, client: tuple[str, int], server: tuple[str, int]) -> int | None:
+        """SIGKILL the local process owning the client end of this connection; its pid, or None
+        when that process is not one this server may kill."""
+        pid = _pid_of_peer(client, server)
+        if pid is None or pid == os.getpid() or not self._killable(pid):
+            return None
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        with self._lock:
+            self._kills.append(pid)
+        return pid
 
     def _generation_delay(self) -> float:
         with self._lock:
@@ -405,8 +526,9 @@ class FakeOpenAI:
 
 
 class _Server(ThreadingHTTPServer):
-    # Benchmarks open many connections at once; the default backlog of 5 would refuse them.
-    request_queue_size = 128
+    # Benchmarks open many connections at once (bench/compare.py: 500); the default backlog of 5,
+    # or 128, would reset some of them.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler], fake: FakeOpenAI) -> None:
         self.fake = fake
@@ -456,8 +578,21 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake
         if self.path == "/_fake/calls":
             self._send_json(200, fake.call_counts())
+        elif self.path == "/_fake/stats":
+            self._send_json(
+                200,
+                {
+                    "successes": fake.success_counts(),
+                    "faults": fake.fault_counts(),
+                    "kills": fake.kills(),
+                },
+            )
         elif self.path == "/_fake/requests":
             self._send_json(200, [r.body for r in fake.requests()])
+        elif self.path == "/_fake/received":
+            self._send_json(
+                200, [{"prompt": r.prompt, "received_at": r.received_at} for r in fake.requests()]
+            )
         elif self.path.startswith("/v1/models/"):
             self._retrieve_model(self.path.removeprefix("/v1/models/"))
         else:
@@ -511,6 +646,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise _invalid("prompt", f"fake server: {exc}", "bad_fake_directive") from None
         fake._sleep(script.delay)
         step = script.step_for(call_number)
+        if step.kind == "ok":
+            step = fake._draw_fault() or step
+        if step.kind == "kill-caller":
+            host, port = self.server.server_address[:2]
+            if fake._kill_caller(self.client_address[:2], (str(host), int(port))) is None:
+                message = "fake server: kill-caller found no killable caller"
+                raise _invalid("prompt", message, "bad_fake_directive")
+            self.close_connection = True
+            return
         if step.kind == "drop":
             self.close_connection = True
             return
@@ -528,6 +672,8 @@ class _Handler(BaseHTTPRequestHandler):
         width, height = _validate(body, prompt)
         fake._sleep(fake._generation_delay())
         self._send_image(body, prompt, width, height, step.kind)
+        if step.kind == "ok":
+            fake._count_success(prompt)
 
     def _retrieve_model(self, model: str) -> None:
         """``GET /v1/models/{id}``: the cheap call ``doctor`` uses to test the key and model.
@@ -573,7 +719,12 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         quality = body.get("quality") or "auto"
         quality = "medium" if quality == "auto" else quality
-        image = {"b64_json": "!!! not base64 !!!" if kind == "bad-b64" else _png_b64(width, height)}
+        padded_to = self.server.fake.image_bytes
+        image = {
+            "b64_json": "!!! not base64 !!!"
+            if kind == "bad-b64"
+            else _png_b64(width, height, padded_to)
+        }
         data = [] if kind == "no-data" else [image] * int(body.get("n") or 1)
         input_tokens = len(prompt.split())
         output_tokens = _OUTPUT_TOKENS.get(quality, 1056) * int(body.get("n") or 1)
@@ -664,6 +815,28 @@ def _validate(body: dict[str, Any], prompt: str) -> tuple[int, int]:
     return width, height
 
 
+def _pid_of_peer(client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """The pid of the local process whose TCP socket is ``client`` connected to ``server``."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            connections = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        for conn in connections:
+            if conn.laddr and conn.raddr and tuple(conn.laddr) == client:
+                if tuple(conn.raddr) == server:
+                    return int(proc.pid)
+    return None
+
+
+def _is_descendant(pid: int) -> bool:
+    """The default ``killable``: only processes this server's own process started."""
+    try:
+        return any(child.pid == pid for child in psutil.Process().children(recursive=True))
+    except psutil.Error:
+        return False
+
+
 def _mask(key: str) -> str:
     """How the real API shows a rejected key: a prefix and the last four characters."""
     if len(key) <= 8:
@@ -686,6 +859,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for the delay jitter")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument(
+        "--fault-rate", type=float, default=0.0, help="share of would-be successes that fail"
+    )
+    parser.add_argument("--fault-seed", type=int, default=None, help="seed for fault choices")
+    parser.add_argument(
+        "--fault-hang", type=float, default=_DEFAULT_HANG_SECONDS, help="seconds a hang fault lasts"
+    )
+    parser.add_argument(
+        "--fault-retry-after", type=float, default=0.5, help="retry-after of a 429 fault"
+    )
+    parser.add_argument(
+        "--image-bytes", type=int, default=0, help="pad each image to about this many bytes"
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -702,6 +888,11 @@ def main(argv: list[str] | None = None) -> None:
         delay_jitter_seconds=args.delay_jitter,
         seed=args.seed,
         verbose=args.verbose,
+        fault_rate=args.fault_rate,
+        fault_seed=args.fault_seed,
+        fault_hang_seconds=args.fault_hang,
+        fault_retry_after_seconds=args.fault_retry_after,
+        image_bytes=args.image_bytes,
     )
     with fake:
         print(fake.base_url, flush=True)

@@ -1,0 +1,1 @@
+"""Chaos scenarios: real daemons, real PostgreSQL, real kills and outages (see ``run.py``)."""

@@ -29,7 +29,8 @@ NAME = "poison"
 MAX_ATTEMPTS = 3
 TRIES_PER_ATTEMPT = 3
 POISON = "[fake:kill-caller]"
-#: why requests claimed in one batch with a poison request fail today
+
+
 @dataclass(frozen=True)
 class Params:
     listeners: int

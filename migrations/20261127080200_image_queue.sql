@@ -17,10 +17,12 @@
 -- floods the queue with thousands of requests gets one job per round, and another user's
 -- single request waits at most about one round, not behind the whole flood.
 --
--- Suspects: a job whose lease expired may have killed its worker (a poison request). Such jobs
--- are taken over one per claim, and never by a worker already running one, so a request that
--- crashes every process it touches takes no other suspect down with it, and an innocent job
--- that shared a crashed process loses at most that one attempt to the poison.
+-- Suspects: a job whose lease expired may have killed its worker (a poison request). After one
+-- crash a job is taken over like any other (most crashes are deploys and OOM kills, and the
+-- whole batch should come back fast). From its second crash on it is isolated: taken one per
+-- claim and never by a worker already running such a job. So a request that crashes every
+-- process it touches shares a process with another twice-crashed job never again, and an
+-- innocent job that happened to share its process loses at most two attempts to it.
 
 create schema image_queue;
 revoke all on schema image_queue from public, anon, authenticated;
@@ -32,8 +34,8 @@ create table image_queue.jobs (
   state text not null default 'queued',
   lane_seq bigint not null default 0,
   attempts integer not null default 0,
-  -- set when a lease expired (its worker died or stalled): see "Suspects" above
-  suspect boolean not null default false,
+  -- how often a lease on this job expired (its worker died or stalled): see "Suspects" above
+  crashes integer not null default 0,
   run_at timestamptz not null default now(),
   lease_holder text,
   lease_expires_at timestamptz,
@@ -92,9 +94,8 @@ create trigger messages_enqueue_image_request
   when (new.role = 'user' and new.message_type = 'image')
   execute function image_queue.enqueue_image_request();
 
--- Claim up to p_limit due jobs: one suspect first (an expired lease, see above) unless this
--- worker already runs one, then queued ones in lane order (see fairness above), after moving
--- due retries into the queue. Each step walks its own partial index in order and stops at its
+-- Claim up to p_limit due jobs: expired leases first (isolating suspects, see above), then
+-- queued ones in lane order (see fairness above), after moving due retries into the queue. Each step walks its own partial index in order and stops at its
 -- limit, so a claim stays cheap with a deep backlog. A job already claimed p_max_attempts times is not handed out again: it ends here
 -- with a failed reply, so a request that crashes every worker that touches it cannot block
 -- the queue forever (such jobs count against p_limit; the caller simply claims again).
@@ -123,6 +124,8 @@ as $$
 declare
   picked uuid[];
   queued uuid[];
+  holds_isolated boolean;
+  expired record;
 begin
   if p_worker is null or p_worker = '' then
     raise exception 'p_worker must name the claiming worker' using errcode = 'invalid_parameter_value';
@@ -134,29 +137,35 @@ begin
   end if;
 
   picked := '{}';
-  if not exists (
+  holds_isolated := exists (
     select 1 from image_queue.jobs j
-    where j.state = 'running' and j.lease_holder = p_worker and j.suspect
-  ) then
-    -- At most one suspect: an expired lease first, else one an operator requeued.
-    select coalesce(array_agg(e.request_id), '{}') into picked
+    where j.state = 'running' and j.lease_holder = p_worker and j.crashes >= 2
+  );
+  -- Expired leases first (their worker died or stalled); a second crash isolates the job.
+  for expired in
+    select j.request_id, j.crashes from image_queue.jobs j
+    where j.state = 'running' and j.lease_expires_at <= now()
+    order by j.lease_expires_at
+    limit p_limit
+    for update skip locked
+  loop
+    if expired.crashes >= 1 then
+      continue when holds_isolated;
+      holds_isolated := true;
+    end if;
+    picked := picked || expired.request_id;
+  end loop;
+  -- An isolated job an operator requeued (requeue-stuck), if this worker may take one.
+  if not holds_isolated and cardinality(picked) < p_limit then
+    select coalesce(array_agg(q.request_id), '{}') into queued
     from (
       select j.request_id from image_queue.jobs j
-      where j.state = 'running' and j.lease_expires_at <= now()
-      order by j.lease_expires_at
+      where j.state = 'queued' and j.crashes >= 2
+      order by j.lane_seq, j.created_at
       limit 1
       for update skip locked
-    ) e;
-    if cardinality(picked) = 0 then
-      select coalesce(array_agg(q.request_id), '{}') into picked
-      from (
-        select j.request_id from image_queue.jobs j
-        where j.state = 'queued' and j.suspect
-        order by j.lane_seq, j.created_at
-        limit 1
-        for update skip locked
-      ) q;
-    end if;
+    ) q;
+    picked := picked || queued;
   end if;
   -- Retries whose time has come join the queue (keeping their lane position).
   update image_queue.jobs j
@@ -172,7 +181,7 @@ begin
     select coalesce(array_agg(q.request_id), '{}') into queued
     from (
       select j.request_id from image_queue.jobs j
-      where j.state = 'queued' and not j.suspect
+      where j.state = 'queued' and j.crashes < 2
       order by j.lane_seq, j.created_at
       limit p_limit - cardinality(picked)
       for update skip locked
@@ -203,7 +212,7 @@ begin
   return query
   with leased as (
     update image_queue.jobs j
-    set suspect = j.suspect or j.state = 'running',
+    set crashes = j.crashes + (j.state = 'running')::integer,
         state = 'running',
         attempts = j.attempts + 1,
         lease_holder = p_worker,
@@ -324,7 +333,7 @@ declare
 begin
   if p_retry_in_seconds is not null then
     update image_queue.jobs j
-    set state = 'waiting', suspect = false, lease_holder = null, lease_expires_at = null,
+    set state = 'waiting', lease_holder = null, lease_expires_at = null,
         run_at = now() + make_interval(secs => greatest(p_retry_in_seconds, 0)),
         last_error = left(p_detail, 2000), updated_at = now()
     where j.request_id = p_request_id and j.state = 'running'

@@ -151,7 +151,7 @@ declare
   moved integer;
 begin
   update image_queue.jobs j
-  set state = 'queued', suspect = true, lease_holder = null, lease_expires_at = null,
+  set state = 'queued', crashes = j.crashes + 1, lease_holder = null, lease_expires_at = null,
       updated_at = now()
   where j.state = 'running' and j.lease_expires_at <= now();
   get diagnostics moved = row_count;

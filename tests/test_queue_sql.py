@@ -262,3 +262,25 @@ def test_next_due_reports_earliest_run_or_lease_expiry(db: Conn) -> None:
 def test_claim_rejects_nonsense_arguments(db: Conn, args: tuple[Any, ...], message: str) -> None:
     with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
         db.execute("select * from public.image_jobs_claim(%s, %s, %s, %s)", args)
+
+
+def test_a_batch_crashed_once_comes_back_whole_then_is_isolated_after_a_second_crash(
+    db: Conn,
+) -> None:
+    """First crash (a deploy, an OOM kill): the batch is taken over at once. Second crash of the
+    same jobs: a poison may be among them, so each worker takes one at a time."""
+    user, chat = new_chat(db)
+    for i in range(5):
+        insert_request(db, user, chat, f"batch {i}")
+    assert len(claim(db, "a", limit=5)) == 5
+    expire_leases(db)
+    assert len(claim(db, "b", limit=5)) == 5  # crashed once: all back in one claim
+    expire_leases(db)
+    [isolated] = claim(db, "c", limit=5)
+    assert isolated["attempt"] == 3
+    assert claim(db, "c", limit=5) == []  # c already runs an isolated job
+    assert len(claim(db, "d", limit=5)) == 1
+    crashes = db.execute(
+        "select crashes, count(*) as n from image_queue.jobs group by crashes order by crashes"
+    ).fetchall()
+    assert crashes == [{"crashes": 1, "n": 3}, {"crashes": 2, "n": 2}]

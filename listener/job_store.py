@@ -85,7 +85,9 @@ def open_pool(conninfo: str, *, max_size: int, timeout: float) -> AsyncConnectio
             "prepare_threshold": None,
             "application_name": "image-listener:worker",
         },
-        check=AsyncConnectionPool.check_connection,
+        # No check on checkout: it cost a round trip (and a transaction) per call. A connection
+        # broken by a restart fails its call once (DatabaseUnavailable, retried) and the pool
+        # replaces it.
         name="image-listener",
     )
 

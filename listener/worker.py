@@ -122,6 +122,12 @@ class Worker:
             if drain and not claimed and not self._running:
                 if await self._queue_is_idle():
                     return
+            if free <= 0:
+                # Every slot is busy: a wake-up now can only be acted on once a slot frees,
+                # and a freed slot sets it again. Without this the loop would spin on it.
+                self._wake.clear()
+                if len(self._running) < self._config.concurrency:
+                    continue  # a slot freed meanwhile (no await since the count above)
             await self._idle_wait(stop, at_capacity=free <= 0 or len(claimed) == free)
 
     async def _queue_is_idle(self) -> bool:

@@ -53,7 +53,19 @@ create index jobs_queued_lane_idx on image_queue.jobs (lane_seq, created_at)
   where state = 'queued';
 create index jobs_queued_user_lane_idx on image_queue.jobs (user_id, lane_seq)
   where state = 'queued';
+create index jobs_queued_isolated_idx on image_queue.jobs (lane_seq, created_at)
+  where state = 'queued' and crashes >= 2;
 create index jobs_waiting_run_at_idx on image_queue.jobs (run_at) where state = 'waiting';
+
+-- Every job is inserted, updated and deleted within minutes: vacuum and analyze after a fixed
+-- number of changes, not a share of the table, so dead entries never pile up at the head of the
+-- indexes every claim walks (and the planner's statistics follow bursts).
+alter table image_queue.jobs set (
+  autovacuum_vacuum_scale_factor = 0,
+  autovacuum_vacuum_threshold = 1000,
+  autovacuum_analyze_scale_factor = 0,
+  autovacuum_analyze_threshold = 1000
+);
 create index jobs_running_lease_idx on image_queue.jobs (lease_expires_at) where state = 'running';
 
 revoke all on table image_queue.jobs from public, anon, authenticated;

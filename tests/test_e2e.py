@@ -318,3 +318,25 @@ def test_doctor_fails_with_a_reason_for_a_rejected_key_and_an_unknown_model(
     assert unknown.returncode == 1
     assert "FAIL  openai" in unknown.stdout
     assert "status=404" in unknown.stdout
+
+
+def test_a_wake_up_while_every_slot_is_busy_does_not_spin_the_loop(
+    env: dict[str, str], daemons: list[Daemon], db: Conn, fake_openai: FakeOpenAI
+) -> None:
+    """A notification that arrives while all slots are busy waits for a free slot: the worker
+    sleeps meanwhile instead of spinning on the wake-up (measured in CPU seconds)."""
+    import psutil
+
+    daemon = start(daemons, {**env, "IMAGE_LISTENER_CONCURRENCY": "1"})
+    user, chat = new_chat(db)
+    slow = "occupies the only slot [fake:delay=4]"
+    first = insert_request(db, user, chat, slow)
+    _wait_until(lambda: fake_openai.calls(slow) == 1)
+    second = insert_request(db, user, chat, "waits for the slot")
+    process = psutil.Process(daemon.proc.pid)
+    before = sum(process.cpu_times()[:2])
+    time.sleep(2)
+    used = sum(process.cpu_times()[:2]) - before
+    assert used < 0.5, f"{used:.2f} s of CPU in 2 s while waiting"
+    assert wait_final(db, first)["status"] == "complete"
+    assert wait_final(db, second)["status"] == "complete"

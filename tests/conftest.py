@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from tests.fake_openai import FakeOpenAI
+from tests.modes import MODES, Conn, ModeRig, build_rig
 from tests.pg import PostgresServer, connect
 
 pytest_plugins = ["tests.supabase_stack.fixtures"]
@@ -46,3 +48,25 @@ def fake_openai() -> Iterator[FakeOpenAI]:
     """The local OpenAI-compatible server the real SDK talks to over HTTP."""
     with FakeOpenAI() as server:
         yield server
+
+
+@pytest.fixture(params=MODES)
+def mode_rig(
+    request: pytest.FixtureRequest,
+    database_url: str,
+    db: Conn,
+    fake_openai: FakeOpenAI,
+    tmp_path: Path,
+) -> Iterator[ModeRig]:
+    """The daemon's environment and the frontend's way in, once per deployment mode."""
+    make_stack: Any = None
+    if request.param == "supabase":
+        make_stack = request.getfixturevalue("make_supabase_stack")
+    yield from build_rig(
+        request.param,
+        database_url=database_url,
+        db=db,
+        fake=fake_openai,
+        image_dir=tmp_path / "images",
+        make_stack=make_stack,
+    )

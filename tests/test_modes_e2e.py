@@ -6,39 +6,20 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from core.png import read_png_size
-from tests.fake_openai import FakeOpenAI
-from tests.modes import MODES, Conn, ModeRig, build_rig
+from tests.modes import Conn, ModeRig
 from tests.queue_helpers import job_of, new_chat, reply_of
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(params=MODES)
-def rig(
-    request: pytest.FixtureRequest,
-    database_url: str,
-    db: Conn,
-    fake_openai: FakeOpenAI,
-    tmp_path: Path,
-) -> Iterator[ModeRig]:
-    make_stack: Any = None
-    if request.param == "supabase":
-        make_stack = request.getfixturevalue("make_supabase_stack")
-    yield from build_rig(
-        request.param,
-        database_url=database_url,
-        db=db,
-        fake=fake_openai,
-        image_dir=tmp_path / "images",
-        make_stack=make_stack,
-    )
+@pytest.fixture
+def rig(mode_rig: ModeRig) -> ModeRig:
+    return mode_rig
 
 
 def _wait_until(condition: Any, timeout: float = 15) -> None:

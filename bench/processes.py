@@ -247,7 +247,7 @@ class RssSampler:
             self._thread.join(timeout=5)
 
 
-def _cpu_of(pid_or_proc: int | psutil.Process) -> float:
+def _cpu_of(pid_or_proc: int | psutil.Process, *, kernel_only: bool = False) -> float:
     try:
         proc = (
             pid_or_proc if isinstance(pid_or_proc, psutil.Process) else psutil.Process(pid_or_proc)
@@ -255,7 +255,7 @@ def _cpu_of(pid_or_proc: int | psutil.Process) -> float:
         times = proc.cpu_times()
     except psutil.Error:
         return 0.0
-    return float(times.user + times.system)
+    return float(times.system if kernel_only else times.user + times.system)
 
 
 @dataclass
@@ -274,6 +274,9 @@ class CpuMeter:
 
     def _totals(self) -> dict[str, float]:
         totals = {name: sum(_cpu_of(pid) for pid in pids) for name, pids in self.groups.items()}
+        # of which in the kernel (socket I/O, epoll, file writes and fsync)
+        for name, pids in self.groups.items():
+            totals[f"{name}_kernel"] = sum(_cpu_of(pid, kernel_only=True) for pid in pids)
         if self.postmaster is not None:
             root = psutil.Process(self.postmaster)
             times = root.cpu_times()

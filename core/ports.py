@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from core.models import ClaimedJob, GeneratedImage, GenerationParams, StoredImage
@@ -17,6 +17,13 @@ class ImageGenerator(Protocol):
     async def generate(self, params: GenerationParams) -> GeneratedImage:
         """Run one generation call (no retries: the caller owns the retry policy)."""
         ...
+
+
+@runtime_checkable
+class AsyncCloseable(Protocol):
+    """Holds connections that must be closed when the daemon stops (an HTTP client's)."""
+
+    async def aclose(self) -> None: ...
 
 
 class ImageStorage(Protocol):

@@ -28,7 +28,7 @@ import structlog
 from supabase import AsyncClient
 
 from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError, first_line
-from core.ports import ImageGenerator, ImageStorage, JobStore
+from core.ports import AsyncCloseable, ImageGenerator, ImageStorage, JobStore
 from core.retry import RetryPolicy
 from listener import migrate
 from listener.job_store import PgJobStore, open_pool
@@ -137,6 +137,8 @@ async def run_daemon(
         loop.add_signal_handler(signum, _on_signal, stop, signum)
     try:
         async with contextlib.AsyncExitStack() as resources:
+            if isinstance(generator, AsyncCloseable):
+                resources.push_async_callback(generator.aclose)
             supabase: AsyncClient | None = None
             if mode in ("supabase", "hybrid"):
                 url, key = settings.require_supabase()

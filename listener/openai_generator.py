@@ -8,6 +8,7 @@ provider's free text or any header, so neither a key nor a prompt can leak into 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
@@ -18,8 +19,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import httpx2
 import openai
-from openai.types import ImagesResponse
 
 from core.errors import (
     ImageListenerError,
@@ -38,6 +39,13 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 #: Connecting should be quick even when generating is slow; a dead host fails in seconds.
 _CONNECT_TIMEOUT_SECONDS = 10.0
+
+#: The API sends nothing until the image is done, then the whole answer at once: a body that
+#: takes longer than this after its headers is a stalled connection, not a slow model.
+_BODY_READ_SECONDS = 60.0
+
+#: Bodies up to this size are decoded on the event loop (a thread hop costs more than that).
+_INLINE_DECODE_BYTES = 64 * 1024
 
 #: 429 codes/types that mean "no money left", which waiting does not fix.
 BILLING_CODES = frozenset(
@@ -84,26 +92,46 @@ def build_openai_client(
 
 
 class OpenAIImageGenerator:
-    """Generates one image per call with ``client.images.generate``; raises only core errors."""
+    """Generates one image per call with ``client.images.generate``; raises only core errors.
 
-    def __init__(self, client: openai.AsyncOpenAI) -> None:
+    The response is taken as a stream and its body read under one of ``decode_slots``: with
+    hundreds of calls in flight and answers of ~2 MB, the bodies still waiting for a slot stay
+    in the socket (aiohttp pauses reading), so memory is bounded by the slots, not by the
+    number of calls; a large body is decoded in a thread so the event loop keeps ticking.
+    """
+
+    def __init__(self, client: openai.AsyncOpenAI, *, decode_slots: int = 8) -> None:
         self._client = client
+        self._decode_slots = asyncio.Semaphore(decode_slots)
 
     async def generate(self, params: GenerationParams) -> GeneratedImage:
         """One call, no retries; SDK errors come out as :mod:`core.errors` types."""
         try:
-            response = await self._client.images.generate(
+            async with self._client.images.with_streaming_response.generate(
                 prompt=params.prompt, model=params.model, n=1, **_optional(params)
-            )
+            ) as response:
+                request_id = response.request_id
+                async with self._decode_slots:
+                    async with asyncio.timeout(_BODY_READ_SECONDS):
+                        body = await response.read()
+                    if len(body) <= _INLINE_DECODE_BYTES:
+                        return decode_images_response(body, request_id, params.output_format)
+                    return await asyncio.to_thread(
+                        decode_images_response, body, request_id, params.output_format
+                    )
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, secret=self._client.api_key) from exc
-        except json.JSONDecodeError as exc:
-            # The SDK lets a 2xx body that is not JSON escape untranslated; a proxy error page
-            # or a truncated answer is the provider side's fault and may not repeat.
-            raise ProviderUnavailable(
-                "openai images.generate returned a response body that is not valid JSON"
+        except TimeoutError as exc:
+            raise ProviderTimeout(
+                "openai images.generate: the response body did not arrive in time"
             ) from exc
-        return _to_generated_image(response, params)
+        except httpx2.HTTPError as exc:
+            # Reading the body comes after the SDK's own error mapping.
+            raise _body_read_error(exc) from exc
+
+    async def aclose(self) -> None:
+        """Close the HTTP client's connections (the daemon calls this on the way out)."""
+        await self._client.close()
 
 
 def _optional(params: GenerationParams) -> dict[str, Any]:
@@ -118,47 +146,62 @@ def _optional(params: GenerationParams) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _to_generated_image(response: ImagesResponse, params: GenerationParams) -> GeneratedImage:
-    request_id = response._request_id
-    data = _decode_image(response, request_id)
-    output_format = response.output_format or params.output_format
-    if output_format not in IMAGE_FORMATS:
-        output_format = params.output_format
-    usage = response.usage
+def decode_images_response(
+    body: bytes, request_id: str | None, requested_format: str
+) -> GeneratedImage:
+    """The first image of an Images API JSON body, decoded; a pure function, run in a thread
+    for large bodies so that a 2 MB ``json.loads`` and base64 decode do not stall the loop.
+
+    A 200 without usable image data is a provider fault, not the user's: it is reported as
+    transient, so the next call (which the API bills separately) gets a chance.
+    """
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        # a proxy's error page or a truncated answer: the provider side's fault, may not repeat
+        raise ProviderUnavailable(
+            "openai images.generate returned a response body that is not valid JSON"
+            f" (request_id={request_id})"
+        ) from exc
+    payload = payload if isinstance(payload, dict) else {}
+    data = payload.get("data")
+    first = data[0] if isinstance(data, list) and data else None
+    encoded = first.get("b64_json") if isinstance(first, dict) else None
+    if not isinstance(encoded, str) or not encoded:
+        raise ProviderUnavailable(
+            f"openai images.generate returned no b64_json image (request_id={request_id})"
+        )
+    try:
+        image = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderUnavailable(
+            f"openai images.generate returned invalid base64 image data (request_id={request_id})"
+        ) from exc
+    if not image:
+        raise ProviderUnavailable(
+            f"openai images.generate returned an empty image (request_id={request_id})"
+        )
+    reported = payload.get("output_format")
+    output_format = reported if isinstance(reported, str) and reported in IMAGE_FORMATS else None
+    usage = payload.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
     return GeneratedImage(
-        data=data,
-        output_format=output_format,
+        data=image,
+        output_format=output_format or requested_format,
         usage=TokenUsage(
-            input_tokens=usage.input_tokens if usage else None,
-            output_tokens=usage.output_tokens if usage else None,
-            total_tokens=usage.total_tokens if usage else None,
+            input_tokens=_count(usage.get("input_tokens")),
+            output_tokens=_count(usage.get("output_tokens")),
+            total_tokens=_count(usage.get("total_tokens")),
         ),
         provider_request_id=request_id,
     )
 
 
-def _decode_image(response: ImagesResponse, request_id: str | None) -> bytes:
-    """The first image's bytes. GPT Image models always answer in base64, never with a URL.
-
-    A 200 without usable image data is a provider fault, not the user's: it is reported as
-    transient, so the next call (which the API bills separately) gets a chance.
-    """
-    encoded = response.data[0].b64_json if response.data else None
-    if not encoded:
-        raise ProviderUnavailable(
-            f"openai images.generate returned no b64_json image (request_id={request_id})"
-        )
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ProviderUnavailable(
-            f"openai images.generate returned invalid base64 image data (request_id={request_id})"
-        ) from exc
-    if not data:
-        raise ProviderUnavailable(
-            f"openai images.generate returned an empty image (request_id={request_id})"
-        )
-    return data
+def _count(value: object) -> int | None:
+    """A token count as reported, or ``None`` when it is missing or not a whole number."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
 
 
 def translate_openai_error(exc: openai.OpenAIError, *, secret: str = "") -> ImageListenerError:
@@ -194,6 +237,15 @@ def _translate(exc: openai.OpenAIError) -> ImageListenerError:
         return ProviderUnavailable(detail)
     # Raised before any request (e.g. missing credentials): our configuration is wrong.
     return OperatorError(f"openai client error ({type(exc).__name__})")
+
+
+def _body_read_error(exc: httpx2.HTTPError) -> ImageListenerError:
+    cause = _innermost_cause(exc) or exc
+    if _is_timeout(cause):
+        return ProviderTimeout("openai images.generate: the response body did not arrive in time")
+    return ProviderUnavailable(
+        f"openai images.generate: reading the response failed ({type(cause).__name__})"
+    )
 
 
 def _innermost_cause(exc: BaseException) -> BaseException | None:

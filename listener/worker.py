@@ -117,6 +117,9 @@ class Worker:
                     self._metrics.observe_claimed(len(claimed))
                 for job in claimed:
                     self._start(job, asked_at)
+                    # Each new job's first step (request building, connecting) runs before
+                    # the next starts: a batch of 500 must not hold the loop for its length.
+                    await asyncio.sleep(0)
                 if len(claimed) == free:
                     continue  # there may be more waiting
             if drain and not claimed and not self._running:

@@ -48,6 +48,9 @@ Directives (anywhere in the prompt, each in its own brackets)::
           | bad-b64      200 whose b64_json is not base64
           | no-data      200 with an empty ``data`` list
           | bad-json     200 whose body is not JSON
+          | cut          200 headers and half of the body, then close the connection
+          | stall        200 headers and half of the body, then wait ``seconds`` (default
+                         30) before closing
           | ok           a normal success
           | kill-caller  SIGKILL the process that made the call, then close without answering
                          (only a descendant of the server's own process, or a pid that
@@ -129,7 +132,7 @@ class DirectiveError(ValueError):
 class Step:
     """What the server does for one call."""
 
-    kind: str  # ok | error | drop | hang | bad-b64 | no-data | bad-json | kill-caller
+    kind: str  # ok | error | drop | hang | cut | stall | bad-b64 | no-data | bad-json | kill-caller
     status: int = 200
     code: str | None = None
     type: str | None = None
@@ -199,6 +202,8 @@ _NAMED_STEPS: dict[str, Step] = {
     "bad-b64": Step("bad-b64"),
     "no-data": Step("no-data"),
     "bad-json": Step("bad-json"),
+    "cut": Step("cut"),
+    "stall": Step("stall"),
     "ok": Step("ok"),
     "kill-caller": Step("kill-caller"),
 }
@@ -669,6 +674,9 @@ class _Handler(BaseHTTPRequestHandler):
         if step.kind == "bad-json":
             self._send_raw(200, b'{"created": 1, "data": [', "application/json")
             return
+        if step.kind in ("cut", "stall"):
+            self._send_partial(step)
+            return
         width, height = _validate(body, prompt)
         fake._sleep(fake._generation_delay())
         self._send_image(body, prompt, width, height, step.kind)
@@ -759,6 +767,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         self._send_raw(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send_partial(self, step: Step) -> None:
+        """A 200 announcing a whole body, half of it sent, then a close (or a wait first)."""
+        encoded = json.dumps({"created": 1, "data": [{"b64_json": "A" * 4096}]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(encoded)))
+        self.send_header("x-request-id", f"req_fake_{uuid.uuid4().hex}")
+        self.end_headers()
+        self.wfile.write(encoded[: len(encoded) // 2])
+        self.wfile.flush()
+        if step.kind == "stall":
+            self.server.fake._sleep(step.seconds)
+        self.close_connection = True
 
     def _send_raw(
         self,

@@ -11,6 +11,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import urllib.request
@@ -32,6 +33,7 @@ from core.errors import (
 from core.models import GeneratedImage, GenerationParams
 from core.png import read_png_size
 from core.retry import GiveUp, RetryLater, RetryPolicy, decide_after_failure
+from listener import openai_generator
 from listener.openai_generator import (
     OpenAIImageGenerator,
     build_openai_client,
@@ -195,6 +197,9 @@ async def test_fake_delay_directive_delays_the_answer(generator: OpenAIImageGene
         ("[fake:hang=5]", ProviderTimeout, "provider_timeout"),
         ("[fake:bad-b64]", ProviderUnavailable, "provider_unavailable"),
         ("[fake:status=bad-json]", ProviderUnavailable, "provider_unavailable"),
+        # the body breaks off after a 200's headers: read after the SDK's error mapping
+        ("[fake:fail=cut]", ProviderUnavailable, "provider_unavailable"),
+        ("[fake:fail=stall:seconds=5]", ProviderTimeout, "provider_timeout"),
     ],
 )
 async def test_each_provider_failure_maps_to_one_core_error_after_one_call(
@@ -587,3 +592,54 @@ def test_fake_server_runs_as_a_subprocess_and_stops_on_sigterm() -> None:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+async def test_large_bodies_are_decoded_off_the_event_loop_and_small_ones_on_it(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1.5 MB answer's JSON parse and base64 decode take milliseconds: in a thread they do
+    not stall every other request's timers; a 5 KB one is cheaper than the thread hop."""
+    threads: list[str] = []
+    real = openai_generator.decode_images_response
+
+    def recording(body: bytes, request_id: str | None, requested: str) -> GeneratedImage:
+        threads.append(threading.current_thread().name)
+        return real(body, request_id, requested)
+
+    monkeypatch.setattr(openai_generator, "decode_images_response", recording)
+    with FakeOpenAI(image_bytes=1_500_000) as big_fake:
+        sdk = build_openai_client(API_KEY, big_fake.base_url, 5.0)
+        try:
+            big = await OpenAIImageGenerator(sdk).generate(params("a big cat"))
+        finally:
+            await sdk.close()
+    small = await OpenAIImageGenerator(client).generate(params("a small cat"))
+    assert len(big.data) > 1_400_000
+    assert small.data.startswith(b"\x89PNG")
+    assert threads[0] != threading.main_thread().name
+    assert threads[1] == threading.main_thread().name
+
+
+async def test_at_most_decode_slots_bodies_are_read_and_decoded_at_once(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hundreds of answers landing together are taken a few at a time: the rest wait in their
+    sockets, so memory is bounded by the slots and not by the calls in flight."""
+    active = 0
+    peak = 0
+    real = openai_generator.decode_images_response
+
+    def slow(body: bytes, request_id: str | None, requested: str) -> GeneratedImage:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        time.sleep(0.02)  # on the loop for small bodies: nothing else can start meanwhile
+        active -= 1
+        return real(body, request_id, requested)
+
+    monkeypatch.setattr(openai_generator, "decode_images_response", slow)
+    monkeypatch.setattr(openai_generator, "_INLINE_DECODE_BYTES", 0)  # all in threads
+    generator = OpenAIImageGenerator(client, decode_slots=2)
+    images = await asyncio.gather(*(generator.generate(params(f"cat {i}")) for i in range(12)))
+    assert len(images) == 12
+    assert peak == 2

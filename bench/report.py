@@ -239,6 +239,8 @@ def header(meta: dict[str, Any]) -> str:
             f"{meta['versions']['procrastinate']} · concurrency 10 per process · "
             f"{meta['rounds']} round(s), medians · 1-min load average at each round start/end: "
             f"{loads} · code under test: {meta.get('code', '?')}",
+            f"images written under {meta.get('work_dir', '?')}: creating a 5 KB file there costs "
+            f"{meta.get('file_create_ms', '?')} ms of CPU",
             "",
             NOTE,
         ]

@@ -167,6 +167,9 @@ class JobProcessor:
             attempt=job.attempt,
             duration_seconds=self._clock() - started,
         )
+        # Stored: the bytes (1.5 MB for a large image) must not wait with us for a database
+        # connection; with hundreds finishing together they would add up to gigabytes.
+        del image
         result = await self._write(
             lambda: self._store.complete(job, config.worker_id, stored.url, metadata)
         )

@@ -620,11 +620,11 @@ async def test_large_bodies_are_decoded_off_the_event_loop_and_small_ones_on_it(
     assert threads[1] == threading.main_thread().name
 
 
-async def test_at_most_decode_slots_bodies_are_read_and_decoded_at_once(
+async def test_at_most_decode_slots_large_bodies_are_decoded_at_once(
     client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Hundreds of answers landing together are taken a few at a time: the rest wait in their
-    sockets, so memory is bounded by the slots and not by the calls in flight."""
+    """Hundreds of answers landing together are decoded two at a time: each decode holds the
+    GIL, so more threads would only make the event loop wait behind them."""
     active = 0
     peak = 0
     real = openai_generator.decode_images_response

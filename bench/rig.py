@@ -9,7 +9,7 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,12 @@ class Rig:
             return time.perf_counter() - started
 
     def listener(
-        self, conninfo: str, fake: FakeServer, name: str, concurrency: int = 10
+        self,
+        conninfo: str,
+        fake: FakeServer,
+        name: str,
+        concurrency: int = 10,
+        extra_env: Mapping[str, str] | None = None,
     ) -> Listener:
         images = self.work / "images" / name
         images.mkdir(parents=True, exist_ok=True)
@@ -92,6 +97,7 @@ class Rig:
             concurrency=concurrency,
             http_port=free_port(),
             name=name,
+            extra_env=extra_env,
         )
 
     def cleanup_images(self) -> None:

@@ -17,6 +17,8 @@ import statistics
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -136,13 +138,18 @@ def throughput(rig: Rig, n: int, processes: int, *, profile: bool = False) -> di
 
 def wakeup_latency(rig: Rig, k: int, *, warmup: int = 10) -> dict[str, Any]:
     """One idle listener; K single inserts with 20-60 ms gaps, each waited for to completion.
-    Latency = the fake server receiving the generation call - the driver sending COMMIT."""
+
+    Latency = the listener starting the generation call (its ``generation_started`` debug log
+    line: the peers' "handler entry") - the driver sending COMMIT; also up to the fake server
+    receiving the call (request building, HTTP, the fake's parsing on top)."""
     name = "il_wakeup"
     conninfo = rig.fresh_db(name)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(_REPLY_NOTIFY)
     fake = FakeServer(rig.work / "logs")
-    listener = rig.listener(conninfo, fake, "wakeup")
+    listener = rig.listener(
+        conninfo, fake, "wakeup", extra_env={"IMAGE_LISTENER_LOG_LEVEL": "debug"}
+    )
     samples: list[tuple[str, uuid.UUID, float, float]] = []
     rng = random.Random(7)
     try:
@@ -189,15 +196,30 @@ def wakeup_latency(rig: Rig, k: int, *, warmup: int = 10) -> dict[str, Any]:
         fake.stop()
         rig.cleanup_images()
         rig.cluster.drop_database(name)
+    started = _generation_starts(listener.log_path)
+    to_call = [(started[str(r)] - sent) * 1000 for _, r, sent, _ in samples]
     from_sent = [(received[p] - sent) * 1000 for p, _, sent, _ in samples]
     from_acked = [(received[p] - acked) * 1000 for p, _, _, acked in samples]
     to_claim = [(claimed[r] - sent) * 1000 for _, r, sent, _ in samples]
     return {
         "k": k,
+        "to_call_start": _summary(to_call),
         "from_commit_sent": _summary(from_sent),
         "from_commit_acked": _summary(from_acked),
         "commit_to_claim_start": _summary(to_claim),
     }
+
+
+def _generation_starts(log_path: Path) -> dict[str, float]:
+    """request id -> epoch seconds of its first ``generation_started`` line in a JSON log."""
+    starts: dict[str, float] = {}
+    for line in log_path.read_text().splitlines():
+        if '"generation_started"' not in line:
+            continue
+        entry = json.loads(line)
+        stamp = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+        starts.setdefault(entry["request_id"], stamp)
+    return starts
 
 
 def _wait_notify(conn: psycopg.Connection[Any], payload: str, timeout: float) -> bool:

@@ -144,6 +144,8 @@ class JobProcessor:
     ) -> None:
         config = self._config
         params = generation_params(job, model=config.model, default_size=config.default_size)
+        # (debug only: bench/ times the wake-up to this line, as the peers time handler entry)
+        log.debug("generation_started")
         image = await self._generator.generate(params)
         summary.usage = image.usage
         # Fence before touching storage: a worker that lost its lease must not overwrite the

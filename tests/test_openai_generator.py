@@ -7,6 +7,7 @@ Every test uses real HTTP on 127.0.0.1 through ``build_openai_client``; behaviou
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import subprocess
@@ -643,3 +644,54 @@ async def test_at_most_decode_slots_large_bodies_are_decoded_at_once(
     images = await asyncio.gather(*(generator.generate(params(f"cat {i}")) for i in range(12)))
     assert len(images) == 12
     assert peak == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"<html>502 Bad Gateway</html>", "not valid JSON"),
+        (b"\xff\xfe not utf-8", "not valid JSON"),
+        (b"[1, 2]", "no b64_json"),
+        (b'{"data": []}', "no b64_json"),
+        (b'{"data": [{"url": "https://example.com/x.png"}]}', "no b64_json"),
+        (b'{"data": [{"b64_json": 42}]}', "no b64_json"),
+        (b'{"data": [{"b64_json": "not base64!"}]}', "invalid base64"),
+    ],
+)
+def test_a_200_without_a_usable_image_is_a_transient_provider_fault(
+    body: bytes, detail: str
+) -> None:
+    """The body is parsed by us, not the SDK: whatever a proxy or a broken answer puts there
+    becomes ProviderUnavailable naming the provider's request id, never a crash."""
+    with pytest.raises(ProviderUnavailable) as caught:
+        openai_generator.decode_images_response(body, "req_1", "png")
+    assert detail in caught.value.detail
+    assert "req_1" in caught.value.detail
+
+
+def test_reported_format_and_usage_are_taken_only_when_well_formed() -> None:
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\nrest").decode()
+    good = json.dumps(
+        {
+            "data": [{"b64_json": png}],
+            "output_format": "webp",
+            "usage": {"input_tokens": 12, "output_tokens": 272, "total_tokens": 284},
+        }
+    ).encode()
+    image = openai_generator.decode_images_response(good, "req_2", "png")
+    assert image.output_format == "webp"
+    assert (image.usage.input_tokens, image.usage.output_tokens) == (12, 272)
+    assert image.usage.total_tokens == 284
+    assert image.provider_request_id == "req_2"
+    odd = json.dumps(
+        {
+            "data": [{"b64_json": png}],
+            "output_format": "exe",
+            "usage": {"input_tokens": True, "output_tokens": -3, "total_tokens": "9"},
+        }
+    ).encode()
+    image = openai_generator.decode_images_response(odd, None, "png")
+    assert image.output_format == "png"
+    assert image.usage.input_tokens is None
+    assert image.usage.output_tokens is None
+    assert image.usage.total_tokens is None

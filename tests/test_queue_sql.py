@@ -287,9 +287,7 @@ def test_a_batch_crashed_once_comes_back_whole_then_is_isolated_after_a_second_c
 
 
 @pytest.mark.parametrize("queued", [1, 0])
-def test_the_listeners_claim_commits_asynchronously_and_only_itself(
-    db: Conn, queued: int
-) -> None:
+def test_the_listeners_claim_commits_asynchronously_and_only_itself(db: Conn, queued: int) -> None:
     """The worker's claim statement turns synchronous_commit off for its own transaction
     (a lost claim only re-queues the job; see listener/job_store.py), whether or not it
     claimed anything, and leaves the session's setting alone."""

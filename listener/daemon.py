@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import signal
@@ -146,10 +147,20 @@ async def run_daemon(
                     supabase_client(url, key, http_timeout=DB_CALL_TIMEOUT_SECONDS * 6)
                 )
             transports = await _transports(settings, mode, supabase, resources)
+            freeze_startup_heap()
             await _run_worker(settings, generator, transports, worker_id, mode, drain, stop)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def freeze_startup_heap() -> None:
+    """Exempt everything built at startup (modules, the SDK's and pydantic's type machinery,
+    clients) from the cyclic garbage collector: a full collection walked all of it, stalling
+    the event loop for 26-61 ms in the middle of 500 requests; afterwards it walks only what
+    requests create."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _transports(

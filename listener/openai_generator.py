@@ -103,7 +103,7 @@ class OpenAIImageGenerator:
     """
 
     def __init__(
-        self, client: openai.AsyncOpenAI, *, body_slots: int = 16, decode_slots: int = 2
+        self, client: openai.AsyncOpenAI, *, body_slots: int = 8, decode_slots: int = 2
     ) -> None:
         self._client = client
         self._body_slots = asyncio.Semaphore(body_slots)

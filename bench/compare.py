@@ -166,6 +166,7 @@ def main() -> int:
     rounds: list[dict[str, Any]] = []
     loads: list[float] = []
     cluster = Cluster()
+    rig: Rig | None = None
     try:
         cluster.start()
         _say(f"PostgreSQL on {cluster.host}:{cluster.port}; work dir {work}")
@@ -190,6 +191,8 @@ def main() -> int:
             out.write_text(json.dumps({"meta": meta, "rounds": rounds}, indent=1, default=str))
     finally:
         cluster.stop()
+        if rig is not None:
+            rig.remove_images()
     if (now := code_fingerprint()) != meta["code"]:
         meta["code"] += f" (changed during the run: now {now})"
     table = report.rows(sizes["sizes"], 10.0, sizes["slow"])

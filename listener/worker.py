@@ -78,9 +78,12 @@ class Worker:
     async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
         """Claim and process until ``stop`` is set (with ``drain``: until the queue is empty)."""
         renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        # ``stop`` also wakes the claim loop, so an idle wait needs only the one event.
+        stopper = asyncio.create_task(_set_when(stop, self._wake), name="stop-wakes-worker")
         try:
             await self._claim_loop(stop, drain)
         finally:
+            stopper.cancel()
             try:
                 # Leases stay renewed through the grace period, or a peer could take over
                 # (and generate again) work that is about to finish here.
@@ -109,7 +112,7 @@ class Worker:
                     failures += 1
                     delay = min(0.25 * 2**failures, self._config.poll_seconds)
                     log.warning("claim_failed", reason=exc.detail, retry_in_s=delay)
-                    await _wait_any(stop, self._wake, seconds=delay)
+                    await _wait(self._wake, seconds=delay)
                     continue
                 failures = 0
                 self.last_claim_ok = datetime.now(UTC)
@@ -150,7 +153,7 @@ class Worker:
             if due is not None:
                 until_due = (due - datetime.now(UTC)).total_seconds()
                 timeout = max(0.0, min(timeout, until_due + 0.01))
-        await _wait_any(stop, self._wake, seconds=timeout)
+        await _wait(self._wake, seconds=timeout)
 
     def _start(self, job: ClaimedJob, confirmed_at: float) -> None:
         self.claimed_total += 1
@@ -232,12 +235,15 @@ class Worker:
         )
 
 
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, *, seconds: float) -> None:
-    """Sleep until ``stop`` or ``wake`` is set, or ``seconds`` pass."""
-    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+async def _set_when(trigger: asyncio.Event, target: asyncio.Event) -> None:
+    await trigger.wait()
+    target.set()
+
+
+async def _wait(wake: asyncio.Event, *, seconds: float) -> None:
+    """Sleep until ``wake`` is set (a notification, a freed slot, or stop) or ``seconds`` pass.
+
+    One event and no helper tasks: this runs before every claim, on the wake-up path."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await wake.wait()

@@ -284,21 +284,3 @@ def test_a_batch_crashed_once_comes_back_whole_then_is_isolated_after_a_second_c
         "select crashes, count(*) as n from image_queue.jobs group by crashes order by crashes"
     ).fetchall()
     assert crashes == [{"crashes": 1, "n": 3}, {"crashes": 2, "n": 2}]
-
-
-@pytest.mark.parametrize("queued", [1, 0])
-def test_the_listeners_claim_commits_asynchronously_and_only_itself(db: Conn, queued: int) -> None:
-    """The worker's claim statement turns synchronous_commit off for its own transaction
-    (a lost claim only re-queues the job; see listener/job_store.py), whether or not it
-    claimed anything, and leaves the session's setting alone."""
-    from listener.job_store import _CLAIM
-
-    user, chat = new_chat(db)
-    for _ in range(queued):
-        insert_request(db, user, chat)
-    with db.transaction():
-        rows = db.execute(_CLAIM, ("w1", 10, 30, 3)).fetchall()
-        setting = db.execute("show synchronous_commit").fetchone()
-    assert len(rows) == queued
-    assert setting == {"synchronous_commit": "off"}
-    assert db.execute("show synchronous_commit").fetchone() == {"synchronous_commit": "on"}

@@ -332,3 +332,14 @@ async def test_a_realtime_server_is_served_on_the_websocket_path(
     assert reply == "k:hello"
     thread = "supabase-stack-gateway"
     assert echo.lifecycle == [("start", thread), ("stop", thread)]
+
+
+def test_api_keys_are_a_pure_function_of_secret_and_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Realtime stand-in and the gateway mint the keys they accept separately: minted a
+    second apart, they must still be the same key (they were not, when iat was the time)."""
+    from tests.supabase_stack import jwt as stack_jwt
+
+    first = stack_jwt.service_role_key("s" * 40), stack_jwt.anon_key("s" * 40)
+    later = time.time() + 1.5
+    monkeypatch.setattr(stack_jwt.time, "time", lambda: later)
+    assert (stack_jwt.service_role_key("s" * 40), stack_jwt.anon_key("s" * 40)) == first

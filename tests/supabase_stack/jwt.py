@@ -51,7 +51,17 @@ def user_token(
     return pyjwt.encode(claims, secret, algorithm="HS256")
 
 
+#: A fixed issue time, so a key is a pure function of (secret, role) like a project's real
+#: keys: the Realtime stand-in and the gateway each mint the keys they accept, and with the
+#: current time in ``iat`` two mints straddling a second boundary disagreed (a 401 flake).
+KEYS_ISSUED_AT = 1_767_225_600  # 2026-01-01T00:00:00Z
+
+
 def _api_key(secret: str, role: str) -> str:
-    now = int(time.time())
-    claims = {"iss": "supabase", "role": role, "iat": now, "exp": now + KEY_LIFETIME_SECONDS}
+    claims = {
+        "iss": "supabase",
+        "role": role,
+        "iat": KEYS_ISSUED_AT,
+        "exp": KEYS_ISSUED_AT + KEY_LIFETIME_SECONDS,
+    }
     return pyjwt.encode(claims, secret, algorithm="HS256")

@@ -127,11 +127,7 @@ class OpenAIImageGenerator:
                         )
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, secret=self._client.api_key) from exc
-        except TimeoutError as exc:
-            raise ProviderTimeout(
-                "openai images.generate: the response body did not arrive in time"
-            ) from exc
-        except httpx2.HTTPError as exc:
+        except (TimeoutError, httpx2.HTTPError) as exc:
             # Reading the body comes after the SDK's own error mapping.
             raise _body_read_error(exc) from exc
 
@@ -245,9 +241,10 @@ def _translate(exc: openai.OpenAIError) -> ImageListenerError:
     return OperatorError(f"openai client error ({type(exc).__name__})")
 
 
-def _body_read_error(exc: httpx2.HTTPError) -> ImageListenerError:
+def _body_read_error(exc: TimeoutError | httpx2.HTTPError) -> ImageListenerError:
+    """Our own body deadline, or the transport's error while reading the body."""
     cause = _innermost_cause(exc) or exc
-    if _is_timeout(cause):
+    if isinstance(exc, TimeoutError) or _is_timeout(cause):
         return ProviderTimeout("openai images.generate: the response body did not arrive in time")
     return ProviderUnavailable(
         f"openai images.generate: reading the response failed ({type(cause).__name__})"
@@ -266,7 +263,7 @@ def _innermost_cause(exc: BaseException) -> BaseException | None:
 
 def _is_timeout(cause: BaseException | None) -> bool:
     """A read/connect/pool timeout of either transport (httpx2 or aiohttp), by class name so
-    that neither HTTP library has to be imported here."""
+    that aiohttp's exception classes need not be imported here."""
     if cause is None:
         return False
     if isinstance(cause, TimeoutError):  # asyncio's and aiohttp's socket timeouts

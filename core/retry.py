@@ -4,7 +4,7 @@ There are two levels of retry, and this module owns both:
 
 * **within an attempt** — a few quick calls to the provider while the job is leased
   (:func:`retry_within_attempt`, :func:`wait_before_retry`), carried out by
-  ``listener.retrying.RetryingGenerator``;
+  ``listener.generators.retrying.RetryingGenerator``;
 * **across attempts** — once an attempt has failed, the job is either put back for later or
   given up (:func:`decide_after_failure`). The attempt count lives in the database, so a crash
   cannot reset it.

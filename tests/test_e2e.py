@@ -244,7 +244,15 @@ def test_dev_offline_serves_ask_with_a_labelled_placeholder(tmp_path: Path) -> N
     assert "OPENAI_API_KEY" in no_key.stderr
     assert "--offline" in no_key.stderr
     proc = subprocess.Popen(
-        [sys.executable, "-m", "listener.cli", "dev", "--offline", "--data-dir", str(data_dir)],
+        [
+            sys.executable,
+            "-m",
+            "listener.commands.cli",
+            "dev",
+            "--offline",
+            "--data-dir",
+            str(data_dir),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import OperatorError
+from listener.queue.postgrest import SupabaseJobStore
 from listener.supabase_client import supabase_client
-from listener.supabase_job_store import SupabaseJobStore
 from tests.fake_openai import FakeOpenAI
 from tests.module_stack import module_stack
 from tests.pg import PostgresServer, as_service_role, as_user, connect

@@ -9,7 +9,7 @@ import pytest
 
 from core.errors import PermanentError, TransientError
 from core.models import GeneratedImage
-from listener.local_storage import (
+from listener.storage.local import (
     LocalDirectoryStorage,
     StorageUnavailable,
     UnsafeStoragePath,

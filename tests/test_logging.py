@@ -14,7 +14,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from listener.logging import (
+from listener.ops.logging import (
     NOISY_LIBRARIES,
     REDACTED,
     configure_logging,

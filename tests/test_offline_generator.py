@@ -11,7 +11,7 @@ import pytest
 from core.errors import InvalidRequest
 from core.models import GenerationParams, TokenUsage
 from core.png import read_png_size, read_png_text
-from listener.offline_generator import (
+from listener.generators.offline import (
     OfflineImageGenerator,
     background_color,
     placeholder_png,

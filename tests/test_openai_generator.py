@@ -34,13 +34,13 @@ from core.errors import (
 from core.models import GeneratedImage, GenerationParams
 from core.png import read_png_size
 from core.retry import GiveUp, RetryLater, RetryPolicy, decide_after_failure
-from listener import openai_generator
-from listener.openai_generator import (
+from listener.generators import openai as openai_generator
+from listener.generators.openai import (
     OpenAIImageGenerator,
     build_openai_client,
     parse_retry_after,
 )
-from listener.retrying import RetryingGenerator
+from listener.generators.retrying import RetryingGenerator
 from tests.fake_openai import FakeOpenAI, parse_directives
 
 API_KEY = "sk-test-SECRET-abc123"

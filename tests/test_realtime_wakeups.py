@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from listener.realtime_wakeups import RealtimeWakeupSource
+from listener.wakeups.realtime import RealtimeWakeupSource
 from tests.modes import Conn
 from tests.queue_helpers import insert_request, new_chat
 from tests.supabase_stack import SupabaseStack, anon_key, new_jwt_secret, service_role_key

@@ -10,8 +10,8 @@ from supabase import AsyncClient
 
 from core.errors import StorageMisconfigured, StorageUnavailable
 from core.models import GeneratedImage
+from listener.storage.supabase import SupabaseStorage
 from listener.supabase_client import supabase_client
-from listener.supabase_storage import SupabaseStorage
 from tests.supabase_stack import SupabaseStack
 
 BUCKET = "generated-images"

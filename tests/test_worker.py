@@ -16,12 +16,12 @@ import structlog
 
 from core.png import read_png_size
 from core.retry import RetryPolicy
-from listener.job_store import PgJobStore, open_pool
-from listener.local_storage import LocalDirectoryStorage
-from listener.openai_generator import OpenAIImageGenerator, build_openai_client
-from listener.processor import JobProcessor, ProcessorConfig
-from listener.retrying import RetryingGenerator
-from listener.worker import Worker, WorkerConfig
+from listener.generators.openai import OpenAIImageGenerator, build_openai_client
+from listener.generators.retrying import RetryingGenerator
+from listener.queue.postgres import PgJobStore, open_pool
+from listener.runtime.processor import JobProcessor, ProcessorConfig
+from listener.runtime.worker import Worker, WorkerConfig
+from listener.storage.local import LocalDirectoryStorage
 from tests.fake_openai import FakeOpenAI
 from tests.pg import as_user
 from tests.queue_helpers import insert_request, job_of, new_chat, reply_of

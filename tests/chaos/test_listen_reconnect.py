@@ -9,7 +9,7 @@ import time
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from listener.notifications import PgNotificationSource
+from listener.wakeups.listen import PgNotificationSource
 from tests.chaos.proxy import TcpToUnixProxy
 from tests.pg import PostgresServer
 

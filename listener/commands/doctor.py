@@ -90,7 +90,7 @@ async def _check_database(conninfo: str) -> str:
 
 
 async def _check_listen(conninfo: str) -> str:
-    from listener.notifications import listen_round_trip
+    from listener.wakeups.listen import listen_round_trip
 
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         if await listen_round_trip(conn, conninfo, wait_seconds=5.0):
@@ -107,8 +107,8 @@ async def _listen_not_used(poll_seconds: float) -> str:
 
 
 async def _check_postgrest(settings: Settings) -> str:
+    from listener.queue.postgrest import SupabaseJobStore
     from listener.supabase_client import supabase_client
-    from listener.supabase_job_store import SupabaseJobStore
 
     url, key = settings.require_supabase()
     async with supabase_client(url, key, http_timeout=CHECK_TIMEOUT_SECONDS) as client:
@@ -118,7 +118,7 @@ async def _check_postgrest(settings: Settings) -> str:
 
 
 async def _check_realtime(settings: Settings) -> str:
-    from listener.realtime_wakeups import RealtimeWakeupSource
+    from listener.wakeups.realtime import RealtimeWakeupSource
 
     url, key = settings.require_supabase()
     source = RealtimeWakeupSource(url, key, probe_seconds=1.0, probe_timeout=5.0)
@@ -143,8 +143,8 @@ async def _check_realtime(settings: Settings) -> str:
 
 async def _check_bucket(settings: Settings) -> str:
     from core.models import GeneratedImage
+    from listener.storage.supabase import SupabaseStorage
     from listener.supabase_client import supabase_client
-    from listener.supabase_storage import SupabaseStorage
 
     url, key = settings.require_supabase()
     path = f"_doctor/{secrets.token_hex(8)}.png"
@@ -169,7 +169,7 @@ async def _check_directory(directory: Path) -> str:
 async def _check_openai(settings: Settings) -> str:
     import openai
 
-    from listener.openai_generator import build_openai_client, translate_openai_error
+    from listener.generators.openai import build_openai_client, translate_openai_error
 
     key = settings.require_openai_api_key()
     client = build_openai_client(key, settings.openai_base_url, CHECK_TIMEOUT_SECONDS)

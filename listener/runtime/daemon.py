@@ -32,19 +32,19 @@ from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError, 
 from core.ports import AsyncCloseable, ImageGenerator, ImageStorage, JobStore
 from core.retry import RetryPolicy
 from listener import migrate
-from listener.job_store import PgJobStore, open_pool
-from listener.local_storage import LocalDirectoryStorage
-from listener.metrics import LiveState, Metrics
-from listener.notifications import PgNotificationSource
-from listener.ops_server import OpsServer, Response
-from listener.processor import JobProcessor, ProcessorConfig
-from listener.realtime_wakeups import RealtimeWakeupSource
-from listener.retrying import RetryingGenerator
+from listener.generators.retrying import RetryingGenerator
+from listener.ops.http import OpsServer, Response
+from listener.ops.metrics import LiveState, Metrics
+from listener.queue.postgres import PgJobStore, open_pool
+from listener.queue.postgrest import SupabaseJobStore
+from listener.runtime.processor import JobProcessor, ProcessorConfig
+from listener.runtime.worker import Worker, WorkerConfig
 from listener.settings import Settings
+from listener.storage.local import LocalDirectoryStorage
+from listener.storage.supabase import SupabaseStorage
 from listener.supabase_client import supabase_client
-from listener.supabase_job_store import SupabaseJobStore
-from listener.supabase_storage import SupabaseStorage
-from listener.worker import Worker, WorkerConfig
+from listener.wakeups.listen import PgNotificationSource
+from listener.wakeups.realtime import RealtimeWakeupSource
 
 log = structlog.get_logger("listener.daemon")
 

@@ -45,8 +45,8 @@ async def _call_sql(conninfo: str, function: str, params: Mapping[str, Any]) -> 
 
 
 async def _call_rpc(settings: Settings, function: str, params: Mapping[str, Any]) -> Any:
+    from listener.queue.postgrest import SupabaseJobStore
     from listener.supabase_client import supabase_client
-    from listener.supabase_job_store import SupabaseJobStore
 
     url, key = settings.require_supabase()
     async with supabase_client(url, key, http_timeout=30) as client:

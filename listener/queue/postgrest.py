@@ -26,7 +26,7 @@ from supabase import AsyncClient
 from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError
 from core.models import ClaimedJob
 from core.ports import WriteResult
-from listener.job_store import WRITE_RESULTS
+from listener.queue.postgres import WRITE_RESULTS
 
 #: PostgREST's own codes for "cannot reach / use the database right now"
 _POSTGREST_TRANSIENT = frozenset({"PGRST000", "PGRST001", "PGRST002", "PGRST003"})

@@ -22,8 +22,8 @@ import structlog
 from core.errors import DatabaseUnavailable, ImageListenerError
 from core.models import ClaimedJob
 from core.ports import JobStore, WriteResult
-from listener.metrics import Metrics
-from listener.processor import JobProcessor
+from listener.ops.metrics import Metrics
+from listener.runtime.processor import JobProcessor
 
 log = structlog.get_logger("listener.worker")
 

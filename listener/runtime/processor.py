@@ -23,8 +23,8 @@ from core.outcome import completion_metadata, failure_metadata
 from core.ports import ImageGenerator, ImageStorage, JobStore, WriteResult
 from core.retry import GiveUp, RetryPolicy, decide_after_failure
 from core.validation import generation_params, safety_identifier
-from listener.logging import prompt_fields
-from listener.metrics import Metrics
+from listener.ops.logging import prompt_fields
+from listener.ops.metrics import Metrics
 
 log = structlog.get_logger("listener.processor")
 T = TypeVar("T")

@@ -16,8 +16,8 @@ import click
 
 from core.errors import ImageListenerError, first_line
 from core.ports import ImageGenerator
-from listener import embedded
-from listener.logging import configure_logging
+from listener.commands import embedded
+from listener.ops.logging import configure_logging
 from listener.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,7 +51,7 @@ def _settings(*, logs_to_stderr: bool = False) -> Settings:
 
 
 def _openai_generator(settings: Settings) -> ImageGenerator:
-    from listener.openai_generator import OpenAIImageGenerator, build_openai_client
+    from listener.generators.openai import OpenAIImageGenerator, build_openai_client
 
     client = build_openai_client(
         settings.require_openai_api_key(),
@@ -62,7 +62,7 @@ def _openai_generator(settings: Settings) -> ImageGenerator:
 
 
 def _offline_generator() -> ImageGenerator:
-    from listener.offline_generator import OfflineImageGenerator
+    from listener.generators.offline import OfflineImageGenerator
 
     return OfflineImageGenerator()
 
@@ -78,7 +78,7 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 def _run(settings: Settings, generator: ImageGenerator, *, drain: bool) -> None:
-    from listener.daemon import run_daemon
+    from listener.runtime.daemon import run_daemon
 
     try:
         run_loop(run_daemon(settings, generator, drain=drain))
@@ -181,7 +181,7 @@ def dev(offline: bool, data_dir: Path) -> None:
 @click.option("--offline", is_flag=True, help="Skip the OpenAI check.")
 def doctor(offline: bool) -> None:
     """Check each configured dependency and print one line for each."""
-    from listener.doctor import run_checks
+    from listener.commands.doctor import run_checks
 
     settings = _settings(logs_to_stderr=True)
     try:
@@ -196,7 +196,7 @@ def doctor(offline: bool) -> None:
 
 
 def _admin(function: str, **params: Any) -> Any:
-    from listener import admin
+    from listener.commands import admin
 
     settings = _settings(logs_to_stderr=True)
     try:
@@ -210,7 +210,7 @@ def _admin(function: str, **params: Any) -> Any:
 @click.option("--failures", default=10, show_default=True, help="Recent failures to list.")
 def status(as_json: bool, failures: int) -> None:
     """Queue depth by state, oldest request, leases by worker, recent failures."""
-    from listener import admin
+    from listener.commands import admin
 
     snapshot = _admin("image_queue_status", p_failures=failures)
     click.echo(admin.as_json(snapshot) if as_json else admin.render_status(snapshot))
@@ -225,7 +225,7 @@ def status(as_json: bool, failures: int) -> None:
 )
 def retry(request_id: Any, failed_since: str | None) -> None:
     """Give a failed request a new attempt (its one reply row goes back to 'generating')."""
-    from listener import admin
+    from listener.commands import admin
 
     if (request_id is None) == (failed_since is None):
         raise click.UsageError("give either REQUEST_ID or --failed-since")
@@ -304,7 +304,7 @@ def ask(
     data_dir: Path,
 ) -> None:
     """Insert an image request as a frontend would, wait for the reply, print it."""
-    from listener import ask as asking
+    from listener.commands import ask as asking
 
     settings = _settings(logs_to_stderr=True)
     handle = None

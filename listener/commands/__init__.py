@@ -1,0 +1,1 @@
+"""The image-listener command line: one module per command family."""

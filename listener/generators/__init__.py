@@ -1,0 +1,1 @@
+"""Image generators: OpenAI, the offline placeholder, and the retry wrapper."""

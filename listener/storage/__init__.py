@@ -1,0 +1,1 @@
+"""Where generated images are kept: a local directory or Supabase Storage."""

@@ -1,0 +1,1 @@
+"""Wake-up sources: hints that something may be claimable."""

@@ -10,8 +10,8 @@ the timings from the database's own clock:
 
 ``--mode supabase`` runs the daemon with only SUPABASE_URL and the service-role key, in front of
 the local Supabase stand-in (the real PostgREST from npm, the fake Realtime and Storage servers
-of tests/supabase_stack): requests are inserted over PostgREST with a user's JWT, wake-ups come
-over Realtime, images go to the fake Storage.
+of tests/support/supabase_stack): requests are inserted over PostgREST with a user's JWT,
+wake-ups come over Realtime, images go to the fake Storage.
 
 Usage: ``python bench/latency.py [--mode postgres|supabase] [--requests 200] [--delay 0]``
 (delay = fake generation time in seconds).
@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from listener.migrate import apply_migrations  # noqa: E402
-from tests.fake_openai import FakeOpenAI  # noqa: E402
-from tests.modes import build_rig  # noqa: E402
-from tests.pg import PostgresServer, connect  # noqa: E402
-from tests.queue_helpers import new_chat  # noqa: E402
-from tests.supabase_stack import SupabaseStack  # noqa: E402
-from tests.supabase_stack.postgrest import INSTALL_HINT, find_postgrest  # noqa: E402
+from tests.support.fake_openai import FakeOpenAI  # noqa: E402
+from tests.support.modes import build_rig  # noqa: E402
+from tests.support.pg import PostgresServer, connect  # noqa: E402
+from tests.support.queue_helpers import new_chat  # noqa: E402
+from tests.support.supabase_stack import SupabaseStack  # noqa: E402
+from tests.support.supabase_stack.postgrest import INSTALL_HINT, find_postgrest  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -112,7 +112,7 @@ def _measure(
     rig: object, conn: psycopg.Connection[dict[str, object]], count: int
 ) -> list[dict[str, object]]:
     """Insert ``count`` requests one at a time as the frontend; timings from the DB clock."""
-    from tests.modes import ModeRig
+    from tests.support.modes import ModeRig
 
     assert isinstance(rig, ModeRig)
     user, chat = new_chat(conn)

@@ -46,12 +46,12 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 
 class FakeServer:
-    """``python -m tests.fake_openai`` in a subprocess (its own CPU, as a real provider's is)."""
+    """``python -m tests.support.fake_openai`` in a subprocess (its own CPU, as a provider's is)."""
 
     def __init__(
         self, log_dir: Path, *, delay: float = 0.0, jitter: float = 0.0, image_bytes: int = 0
     ) -> None:
-        argv = [sys.executable, "-m", "tests.fake_openai", "--port", "0", "--seed", "1"]
+        argv = [sys.executable, "-m", "tests.support.fake_openai", "--port", "0", "--seed", "1"]
         if delay:
             argv += ["--delay", str(delay)]
         if jitter:

@@ -19,7 +19,7 @@ import psycopg
 from bench.cluster import Cluster, free_port
 from bench.processes import FakeServer, Listener, http_get
 from listener.migrate import apply_migrations
-from tests.pg import as_user, create_user
+from tests.support.pg import as_user, create_user
 
 TEMPLATE = "il_bench_template"
 

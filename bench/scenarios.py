@@ -162,7 +162,7 @@ def wakeup_latency(rig: Rig, k: int, *, warmup: int = 10) -> dict[str, Any]:
             claims = json.dumps({"sub": str(rig.user_id), "role": "authenticated"})
             for i in range(warmup + k):
                 prompt = f"wake {i}"
-                # what tests.pg.as_user does, spelled out to time the COMMIT exactly
+                # what tests.support.pg.as_user does, spelled out to time the COMMIT exactly
                 writer.execute("set local role authenticated")
                 writer.execute("select set_config('request.jwt.claims', %s, true)", (claims,))
                 row = writer.execute(

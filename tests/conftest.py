@@ -9,11 +9,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.fake_openai import FakeOpenAI
-from tests.modes import MODES, Conn, ModeRig, build_rig
-from tests.pg import PostgresServer, connect
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.modes import MODES, Conn, ModeRig, build_rig
+from tests.support.pg import PostgresServer, connect
 
-pytest_plugins = ["tests.supabase_stack.fixtures"]
+pytest_plugins = ["tests.support.supabase_stack.fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """A private embedded PostgreSQL that a chaos scenario may crash and restart at will.
 
-The shared test server (``tests.pg.PostgresServer``) serves every other test, so the database
-scenario starts its own with pgserver in a temporary directory and drives it with the bundled
-``pg_ctl``: ``-m immediate`` is a crash (no checkpoint, clients cut, recovery on start), ``-m
-fast`` an orderly restart. It listens on a unix socket only, like every pgserver instance; put
+The shared test server (``tests.support.pg.PostgresServer``) serves every other test, so the
+database scenario starts its own with pgserver in a temporary directory and drives it with the
+bundled ``pg_ctl``: ``-m immediate`` is a crash (no checkpoint, clients cut, recovery on start),
+``-m fast`` an orderly restart. It listens on a unix socket only, like every pgserver instance; put
 :class:`tests.chaos.proxy.TcpToUnixProxy` in front of :attr:`RestartablePostgres.socket_path` to
 reach it over TCP.
 """

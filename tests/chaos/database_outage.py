@@ -31,7 +31,7 @@ from tests.chaos.fleet import Fleet
 from tests.chaos.harness import Arrivals, ChaosRun, check_scale
 from tests.chaos.outcomes import ScenarioResult, collect_outcomes, wait_until_settled
 from tests.chaos.proxy import TcpToUnixProxy
-from tests.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI
 
 NAME = "database outage"
 MAX_ATTEMPTS = 5

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.daemon_process import Daemon
+from tests.support.daemon_process import Daemon
 
 #: a fleet stops restarting daemons that exit on their own after this many such exits
 MAX_UNEXPECTED_EXITS = 5

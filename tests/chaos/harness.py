@@ -35,10 +35,10 @@ from tests.chaos.outcomes import (
     judge,
     percentile,
 )
-from tests.daemon_process import listener_env
-from tests.fake_openai import FakeOpenAI
-from tests.pg import PostgresServer, as_user, connect
-from tests.queue_helpers import new_chat
+from tests.support.daemon_process import listener_env
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.pg import PostgresServer, as_user, connect
+from tests.support.queue_helpers import new_chat
 
 SCALES = ("short", "full")
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from tests.chaos.harness import ChaosRun, Requester, check_scale, unique_prompts
 from tests.chaos.outcomes import RequestOutcome, ScenarioResult, collect_outcomes, settled
-from tests.fake_openai import FakeOpenAI
-from tests.pg import PostgresServer, connect
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.pg import PostgresServer, connect
 
 NAME = "kill storm"
 LEASE_SECONDS = 3.0

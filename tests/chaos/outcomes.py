@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from tests.pg import connect
+from tests.support.pg import connect
 
 FINAL = ("complete", "failed")
 

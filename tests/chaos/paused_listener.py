@@ -26,8 +26,8 @@ from tests.chaos.outcomes import (
     collect_outcomes,
     wait_until_settled,
 )
-from tests.fake_openai import FakeOpenAI
-from tests.pg import PostgresServer, connect
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.pg import PostgresServer, connect
 
 NAME = "paused listener"
 LEASE_SECONDS = 3.0

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from tests.chaos.harness import ChaosRun, Requester, check_scale, unique_prompts
 from tests.chaos.outcomes import RequestOutcome, ScenarioResult, collect_outcomes, settled
-from tests.fake_openai import FakeOpenAI
-from tests.pg import PostgresServer, connect
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.pg import PostgresServer, connect
 
 NAME = "poison"
 MAX_ATTEMPTS = 3

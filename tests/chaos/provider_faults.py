@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from tests.chaos.harness import ChaosRun, Requester, check_scale, insert_paced, unique_prompts
 from tests.chaos.outcomes import ScenarioResult, collect_outcomes, wait_until_settled
-from tests.fake_openai import FAULT_KINDS, FakeOpenAI
-from tests.pg import PostgresServer
+from tests.support.fake_openai import FAULT_KINDS, FakeOpenAI
+from tests.support.pg import PostgresServer
 
 NAME = "provider faults"
 MAX_ATTEMPTS = 5

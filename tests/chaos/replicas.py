@@ -17,8 +17,8 @@ from tests.chaos.outcomes import (
     collect_outcomes,
     wait_until_settled,
 )
-from tests.fake_openai import FakeOpenAI
-from tests.pg import PostgresServer
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.pg import PostgresServer
 
 NAME = "replicas"
 CHUNK = 100

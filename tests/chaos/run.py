@@ -28,7 +28,7 @@ from tests.chaos import (
 )
 from tests.chaos.harness import SCALES
 from tests.chaos.outcomes import ScenarioResult
-from tests.pg import PostgresServer
+from tests.support.pg import PostgresServer
 
 Scenario = Callable[[str, PostgresServer], ScenarioResult]
 

@@ -18,7 +18,7 @@ from tests.chaos import (
     replicas,
 )
 from tests.chaos.outcomes import ScenarioResult
-from tests.pg import PostgresServer
+from tests.support.pg import PostgresServer
 
 pytestmark = pytest.mark.chaos
 

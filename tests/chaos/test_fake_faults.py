@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.fake_openai import FAULT_KINDS, FakeOpenAI
+from tests.support.fake_openai import FAULT_KINDS, FakeOpenAI
 
 pytestmark = pytest.mark.chaos
 

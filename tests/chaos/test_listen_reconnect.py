@@ -11,7 +11,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from listener.wakeups.listen import PgNotificationSource
 from tests.chaos.proxy import TcpToUnixProxy
-from tests.pg import PostgresServer
+from tests.support.pg import PostgresServer
 
 pytestmark = pytest.mark.chaos
 

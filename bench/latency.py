@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from listener.migrate import apply_migrations  # noqa: E402
+from listener.runtime.wiring import MODES as MODE_PLANS  # noqa: E402
 from tests.support.fake_openai import FakeOpenAI  # noqa: E402
-from tests.support.modes import build_rig  # noqa: E402
+from tests.support.modes import MODES, build_rig  # noqa: E402
 from tests.support.pg import PostgresServer, connect  # noqa: E402
 from tests.support.queue_helpers import new_chat  # noqa: E402
 from tests.support.supabase_stack import SupabaseStack  # noqa: E402
@@ -49,11 +50,11 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--mode", choices=("postgres", "supabase"), default="postgres")
+    parser.add_argument("--mode", choices=MODES, default="postgres")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0, help="fake generation seconds")
     args = parser.parse_args()
-    if args.mode == "supabase" and find_postgrest() is None:
+    if MODE_PLANS[args.mode].uses_supabase and find_postgrest() is None:
         print(f"bench: PostgREST is not installed: run '{INSTALL_HINT}'", file=sys.stderr)
         return 1
 

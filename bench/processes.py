@@ -118,7 +118,7 @@ class Listener:
         self.log_path = log_dir / f"{name}.log"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "listener.commands.cli", "run"],
+                [sys.executable, "-m", "listener", "run"],
                 cwd=ROOT,
                 env=env,
                 stdout=log,

@@ -37,15 +37,15 @@ class ClaimedJob:
         expires = row["lease_expires_at"]
         requested = row.get("requested_at")
         return cls(
-            request_id=_uuid(row["request_id"]),
-            reply_id=_uuid(row["reply_id"]),
-            chat_id=_uuid(row["chat_id"]),
-            user_id=_uuid(row["user_id"]),
+            request_id=as_uuid(row["request_id"]),
+            reply_id=as_uuid(row["reply_id"]),
+            chat_id=as_uuid(row["chat_id"]),
+            user_id=as_uuid(row["user_id"]),
             prompt=str(row["prompt"]),
             options=row["options"] if row["options"] is not None else {},
             attempt=int(row["attempt"]),
-            lease_expires_at=_timestamp(expires),
-            requested_at=None if requested is None else _timestamp(requested),
+            lease_expires_at=as_timestamp(expires),
+            requested_at=None if requested is None else as_timestamp(requested),
         )
 
 
@@ -102,11 +102,13 @@ class StoredImage:
     bucket: str | None = None
 
 
-def _timestamp(value: object) -> datetime:
+def as_timestamp(value: object) -> datetime:
+    """A timestamp as the driver decodes it, or as ISO text (PostgREST's JSON)."""
     return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
 
 
-def _uuid(value: object) -> UUID:
+def as_uuid(value: object) -> UUID:
+    """A uuid as the driver decodes it, or as text (PostgREST's JSON)."""
     return value if isinstance(value, UUID) else UUID(str(value))
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from core.models import ClaimedJob, GeneratedImage, GenerationParams, StoredImage
+
+if TYPE_CHECKING:  # core does no asyncio; the event is only named in a signature
+    import asyncio
 
 
 class ImageGenerator(Protocol):
@@ -46,11 +49,31 @@ class WriteResult(StrEnum):
     CANCELLED = "cancelled"
 
 
+class WakeupSource(Protocol):
+    """Tells the worker something may be claimable: a hint, never the work itself."""
+
+    @property
+    def healthy(self) -> bool:
+        """Whether wake-ups are in place now (for /readyz and /metrics)."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """How often the source had to reconnect or rebuild (for /metrics)."""
+        ...
+
+    async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
+        """Call ``wake()`` on every hint and after every reconnect, until ``stop`` is set."""
+        ...
+
+
 class JobStore(Protocol):
     """The queue's SQL functions. Every write presents (worker, attempt) as its fencing token."""
 
-    #: monotonic time of the last call that reached the database, None before the first
-    last_ok: float | None
+    @property
+    def last_ok(self) -> float | None:
+        """Monotonic time of the last call that reached the database, None before the first."""
+        ...
 
     async def claim(
         self, worker: str, limit: int, lease_seconds: float, max_attempts: int
@@ -91,6 +114,7 @@ class JobStore(Protocol):
         """When the earliest job becomes claimable, or None for an empty queue."""
         ...
 
-    async def status(self) -> dict[str, Any]:
-        """The queue snapshot of ``image_queue_status`` (counts by state, oldest age, leases)."""
+    async def status(self, failures: int = 0) -> dict[str, Any]:
+        """The queue snapshot of ``image_queue_status`` (counts by state, oldest age, leases,
+        and up to ``failures`` recent failures)."""
         ...

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from listener.runtime.wiring import MODES as MODE_PLANS
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.modes import MODES, Conn, ModeRig, build_rig
 from tests.support.pg import PostgresServer, connect
@@ -43,6 +44,19 @@ def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         yield conn
 
 
+@pytest.fixture(scope="module")
+def shared_db(pg_server: PostgresServer) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """One clone for a whole module, for tests that only read, are refused, or work in rows of
+    their own (a fresh user and chat each): a clone per test would dominate their run time. A
+    test that changes shared state uses ``db``."""
+    name = pg_server.clone()
+    try:
+        with connect(pg_server.dsn(name)) as conn:
+            yield conn
+    finally:
+        pg_server.drop(name)
+
+
 @pytest.fixture
 def fake_openai() -> Iterator[FakeOpenAI]:
     """The local OpenAI-compatible server the real SDK talks to over HTTP."""
@@ -60,7 +74,7 @@ def mode_rig(
 ) -> Iterator[ModeRig]:
     """The daemon's environment and the frontend's way in, once per deployment mode."""
     make_stack: Any = None
-    if request.param == "supabase":
+    if MODE_PLANS[request.param].uses_supabase:
         make_stack = request.getfixturevalue("make_supabase_stack")
     yield from build_rig(
         request.param,

@@ -1,66 +1,32 @@
-"""Operator commands (status, retry, cancel, requeue-stuck) over either transport.
-
-Each is one SQL function of the admin migration; this module only calls it, over
-DATABASE_URL when set (postgres and hybrid modes) or PostgREST rpc with the service-role key
-(supabase mode), and formats the answer.
+"""Operator commands (status, retry, cancel, requeue-stuck): each is one SQL function of the
+admin migration, called through :class:`listener.queue.calls.QueueCalls` over the mode's
+transport (:func:`listener.runtime.wiring.command_queue`); this module runs the call and
+formats its answer.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-import psycopg
-
-from core.errors import DatabaseUnavailable, OperatorError, first_line
+from core.errors import OperatorError
+from listener.queue.calls import QueueCalls
+from listener.runtime.wiring import command_queue
 from listener.settings import Settings
+
+T = TypeVar("T")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-async def call(settings: Settings, function: str, params: Mapping[str, Any]) -> Any:
-    """Call ``public.<function>`` with named parameters and return its (JSON-decoded) result."""
-    if settings.mode() in ("postgres", "hybrid"):
-        return await _call_sql(settings.require_database_url(), function, params)
-    return await _call_rpc(settings, function, params)
-
-
-async def _call_sql(conninfo: str, function: str, params: Mapping[str, Any]) -> Any:
-    arguments = ", ".join(f"{name} => %({name})s" for name in params)
-    query = f"select public.{function}({arguments}) as result"
-    try:
-        async with await psycopg.AsyncConnection.connect(
-            conninfo, autocommit=True, connect_timeout=10
-        ) as conn:
-            row = await (await conn.execute(query, dict(params))).fetchone()
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot reach the database: {first_line(exc)}") from exc
-    except psycopg.Error as exc:
-        raise OperatorError(f"{function} failed: {first_line(exc)}") from exc
-    return None if row is None else row[0]
-
-
-async def _call_rpc(settings: Settings, function: str, params: Mapping[str, Any]) -> Any:
-    from listener.queue.postgrest import SupabaseJobStore
-    from listener.supabase_client import supabase_client
-
-    url, key = settings.require_supabase()
-    async with supabase_client(url, key, http_timeout=30) as client:
-        store = SupabaseJobStore(client, call_timeout=30)
-        return await store.call(function, {k: _jsonable(v) for k, v in params.items()})
-
-
-def _jsonable(value: Any) -> Any:
-    """PostgREST takes JSON: times as ISO strings, ids as strings."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if value is None or isinstance(value, (int, float, str)):
-        return value
-    return str(value)
+async def run(settings: Settings, action: Callable[[QueueCalls], Awaitable[T]]) -> T:
+    """Run one queue call (``lambda queue: queue.status(10)``) over the mode's transport."""
+    async with command_queue(settings) as queue:
+        return await action(queue)
 
 
 def parse_since(text: str, *, now: datetime | None = None) -> datetime:

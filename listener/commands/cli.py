@@ -1,4 +1,16 @@
-"""The ``image-listener`` command: migrate, run, dev, ask.
+"""The ``image-listener`` command and its subcommands:
+
+=================  ================================================================
+``migrate``        apply ``migrations/`` to DATABASE_URL (:mod:`listener.migrate`)
+``run``            the daemon (:mod:`listener.runtime.daemon`); ``--drain`` exits when idle
+``dev``            an embedded PostgreSQL, migrated, with the daemon on it
+``doctor``         check every dependency of the mode, one line each
+``ask``            insert a request as a frontend would and wait for its reply
+``status``         the queue snapshot (:mod:`listener.commands.admin`)
+``retry``          a failed request, or all failed since a time, get a new attempt
+``cancel``         stop a queued or running request
+``requeue-stuck``  jobs with an expired lease go back to the queue now
+=================  ================================================================
 
 Every command exits 0 on success and non-zero on failure with a one-line reason on stderr
 (``image-listener: error: ...``); secrets never appear in that line.
@@ -8,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
 
 import click
 
@@ -19,6 +32,9 @@ from core.ports import ImageGenerator
 from listener.commands import embedded
 from listener.ops.logging import configure_logging
 from listener.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from listener.queue.calls import QueueCalls
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -195,12 +211,12 @@ def doctor(offline: bool) -> None:
         raise CommandFailed(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}")
 
 
-def _admin(function: str, **params: Any) -> Any:
+def _admin(action: Callable[[QueueCalls], Awaitable[T]]) -> T:
     from listener.commands import admin
 
     settings = _settings(logs_to_stderr=True)
     try:
-        return run_loop(admin.call(settings, function, params))
+        return run_loop(admin.run(settings, action))
     except ImageListenerError as exc:
         raise CommandFailed(first_line(exc)) from exc
 
@@ -212,7 +228,7 @@ def status(as_json: bool, failures: int) -> None:
     """Queue depth by state, oldest request, leases by worker, recent failures."""
     from listener.commands import admin
 
-    snapshot = _admin("image_queue_status", p_failures=failures)
+    snapshot = _admin(lambda queue: queue.status(failures))
     click.echo(admin.as_json(snapshot) if as_json else admin.render_status(snapshot))
 
 
@@ -223,7 +239,7 @@ def status(as_json: bool, failures: int) -> None:
     metavar="WHEN",
     help="Retry every request that failed since WHEN (ISO time, or 30m / 2h / 1d ago).",
 )
-def retry(request_id: Any, failed_since: str | None) -> None:
+def retry(request_id: UUID | None, failed_since: str | None) -> None:
     """Give a failed request a new attempt (its one reply row goes back to 'generating')."""
     from listener.commands import admin
 
@@ -234,10 +250,11 @@ def retry(request_id: Any, failed_since: str | None) -> None:
             since = admin.parse_since(failed_since)
         except ImageListenerError as exc:
             raise CommandFailed(first_line(exc)) from exc
-        count = _admin("image_jobs_retry_failed", p_since=since)
+        count = _admin(lambda queue: queue.retry_failed(since))
         click.echo(f"retried {count} failed request(s) since {since.isoformat()}")
         return
-    result = _admin("image_jobs_retry", p_request_id=request_id)
+    assert request_id is not None
+    result = _admin(lambda queue: queue.retry(request_id))
     if result != "retried":
         reasons = {
             "not_found": "no such image request",
@@ -251,9 +268,9 @@ def retry(request_id: Any, failed_since: str | None) -> None:
 @cli.command()
 @click.argument("request_id", type=click.UUID)
 @click.option("--reason", help="Shown to the user as the reply's error.")
-def cancel(request_id: Any, reason: str | None) -> None:
+def cancel(request_id: UUID, reason: str | None) -> None:
     """Stop a queued or running request; its reply ends 'failed' with the reason."""
-    result = _admin("image_jobs_cancel", p_request_id=request_id, p_reason=reason)
+    result = _admin(lambda queue: queue.cancel(request_id, reason))
     if result != "cancelled":
         reasons = {"not_found": "no such request", "not_queued": "it is not queued or running"}
         raise CommandFailed(f"request {request_id} not cancelled: {reasons.get(result, result)}")
@@ -263,7 +280,7 @@ def cancel(request_id: Any, reason: str | None) -> None:
 @cli.command("requeue-stuck")
 def requeue_stuck() -> None:
     """Put every job whose lease has expired back in the queue now."""
-    count = _admin("image_jobs_requeue_stuck")
+    count = _admin(lambda queue: queue.requeue_stuck())
     click.echo(f"requeued {count} job(s) with an expired lease")
 
 

@@ -1,9 +1,9 @@
 """``image-listener doctor``: check every configured dependency, one line each.
 
 Each check is bounded in time and reports what an operator should fix; none of them prints a
-secret. The checks follow the mode: the database and LISTEN where DATABASE_URL is the queue,
-PostgREST and Realtime in Supabase mode, the image storage of the mode, and the OpenAI key and
-model (unless ``--offline``).
+secret. The checks follow the mode's plan (:mod:`listener.runtime.wiring`): the queue (the
+database, or PostgREST), the wake-up channel (LISTEN or Realtime, or a note that polling
+replaces it), the image store, and the OpenAI key and model (unless ``--offline``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import psycopg
 
 from core.errors import ImageListenerError, first_line
 from listener import migrate
+from listener.runtime.wiring import ImagesKind, PushKind, QueueKind, command_queue, plan_for
 from listener.settings import Settings
 
 CHECK_TIMEOUT_SECONDS = 15.0
+#: one check: a line of detail when it passes, an exception when it does not
+Check = Callable[[], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -38,25 +41,34 @@ class CheckResult:
 
 async def run_checks(settings: Settings, *, offline: bool) -> list[CheckResult]:
     """Every check that applies to ``settings``, in a stable order."""
-    mode = settings.mode()
-    checks: list[tuple[str, Callable[[], Awaitable[str]]]] = []
-    if mode in ("postgres", "hybrid"):
+    return [await _run(name, check) for name, check in planned_checks(settings, offline=offline)]
+
+
+def planned_checks(settings: Settings, *, offline: bool) -> list[tuple[str, Check]]:
+    """One check per part of the mode's plan: the queue, the wake-ups, the image store, and
+    OpenAI (unless ``offline``)."""
+    plan = plan_for(settings)
+    checks: list[tuple[str, Check]] = []
+    if plan.queue is QueueKind.SQL:
         conninfo = settings.require_database_url()
         checks.append(("database", lambda: _check_database(conninfo)))
-        if settings.wakeup == "poll":
-            checks.append(("listen", lambda: _listen_not_used(settings.poll_only_seconds)))
-        else:
-            checks.append(("listen", lambda: _check_listen(conninfo)))
-    if mode == "supabase":
+    else:
         checks.append(("postgrest", lambda: _check_postgrest(settings)))
-        checks.append(("realtime", lambda: _check_realtime(settings)))
-    if mode in ("supabase", "hybrid"):
+    wakeups = plan.push.value  # "listen" or "realtime"
+    if plan.poll_only:
+        checks.append((wakeups, lambda: _push_not_used(settings.poll_only_seconds)))
+    elif plan.push is PushKind.LISTEN:
+        conninfo = settings.require_database_url()
+        checks.append((wakeups, lambda: _check_listen(conninfo)))
+    else:
+        checks.append((wakeups, lambda: _check_realtime(settings)))
+    if plan.images is ImagesKind.SUPABASE:
         checks.append(("storage", lambda: _check_bucket(settings)))
     else:
         checks.append(("storage", lambda: _check_directory(settings.image_dir)))
     if not offline:
         checks.append(("openai", lambda: _check_openai(settings)))
-    return [await _run(name, check) for name, check in checks]
+    return checks
 
 
 async def _run(name: str, check: Callable[[], Awaitable[str]]) -> CheckResult:
@@ -102,18 +114,13 @@ async def _check_listen(conninfo: str) -> str:
     )
 
 
-async def _listen_not_used(poll_seconds: float) -> str:
+async def _push_not_used(poll_seconds: float) -> str:
     return f"not used (IMAGE_LISTENER_WAKEUP=poll): the worker polls every {poll_seconds:g}s"
 
 
 async def _check_postgrest(settings: Settings) -> str:
-    from listener.queue.postgrest import SupabaseJobStore
-    from listener.supabase_client import supabase_client
-
-    url, key = settings.require_supabase()
-    async with supabase_client(url, key, http_timeout=CHECK_TIMEOUT_SECONDS) as client:
-        store = SupabaseJobStore(client, call_timeout=CHECK_TIMEOUT_SECONDS)
-        await store.next_due()
+    async with command_queue(settings, call_timeout=CHECK_TIMEOUT_SECONDS) as queue:
+        await queue.next_due()
     return "reachable; queue functions present and executable with this key"
 
 

@@ -2,6 +2,8 @@
 
 The decisions (what to retry, how long to wait) come from :mod:`core.retry`; tenacity only
 carries them out. The SDK client is built with ``max_retries=0``, so retries never multiply.
+Each retry is logged here (``provider_retry``, logger ``listener.retrying``) and counted in
+the daemon's metrics.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 
+import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from core.errors import ImageListenerError
 from core.models import GeneratedImage, GenerationParams
 from core.ports import ImageGenerator
 from core.retry import RetryPolicy, retry_within_attempt, wait_before_retry
+from listener.ops.metrics import Metrics
 
-#: ``(error, retry_number, delay_seconds)``, called just before sleeping; retry 1 precedes the
-#: second call. Lets the caller log each retry without this module choosing a logger.
-OnRetry = Callable[[BaseException, int, float], None]
+log = structlog.get_logger("listener.retrying")
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -35,15 +38,15 @@ class RetryingGenerator:
         inner: ImageGenerator,
         policy: RetryPolicy,
         *,
+        metrics: Metrics | None = None,
         rand: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
-        on_retry: OnRetry | None = None,
     ) -> None:
         self._inner = inner
         self._policy = policy
+        self._metrics = metrics
         self._rand = rand if rand is not None else random.Random()
         self._sleep = sleep
-        self._on_retry = on_retry
 
     async def generate(self, params: GenerationParams) -> GeneratedImage:
         """Call the wrapped generator until it succeeds or the policy says stop."""
@@ -70,9 +73,17 @@ class RetryingGenerator:
         )
 
     def _before_sleep(self, retry_state: RetryCallState) -> None:
-        if self._on_retry is not None:
-            delay = retry_state.upcoming_sleep
-            self._on_retry(_failure(retry_state), retry_state.attempt_number, delay)
+        """Say so before each wait; retry 1 precedes the second call."""
+        error = _failure(retry_state)
+        code = error.code if isinstance(error, ImageListenerError) else type(error).__name__
+        if self._metrics is not None:
+            self._metrics.observe_provider_retry(code)
+        log.info(
+            "provider_retry",
+            retry=retry_state.attempt_number,
+            delay_s=round(retry_state.upcoming_sleep, 3),
+            error_code=code,
+        )
 
 
 def _failure(retry_state: RetryCallState) -> BaseException:

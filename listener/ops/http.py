@@ -1,4 +1,5 @@
-"""The operations endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` on a tiny HTTP server.
+"""The operations endpoints: ``/healthz``, ``/readyz`` and ``/metrics`` on a tiny HTTP server,
+and the rules they answer by (:func:`ops_server`).
 
 Written on ``asyncio.start_server`` (GET only, one request per connection): three read-only
 endpoints do not justify a web framework in the daemon, and serving them from the daemon's own
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
 
-from core.errors import OperatorError
+from core.errors import ImageListenerError, OperatorError
+from core.ports import JobStore, WakeupSource
+from listener.ops.metrics import LiveState, Metrics
+from listener.settings import Settings
 
 log = structlog.get_logger("listener.ops")
 
@@ -105,3 +110,60 @@ class OpsServer:
         except Exception as exc:  # a failing check is an unhealthy answer, not a crash
             log.exception("ops_endpoint_failed", path=target)
             return Response.json(503, {"status": "error", "error": type(exc).__name__})
+
+
+def ops_server(
+    settings: Settings,
+    *,
+    queue: JobStore,
+    wakeups: WakeupSource,
+    in_flight: Callable[[], int],
+    metrics: Metrics,
+) -> OpsServer | None:
+    """/healthz, /readyz and /metrics of one daemon, unless IMAGE_LISTENER_HTTP_PORT is 0.
+
+    ``/healthz`` is the event loop answering; ``/readyz`` also wants the database answered
+    recently and the wake-up source connected; ``/metrics`` refreshes the queue snapshot.
+    """
+    if settings.http_port == 0:
+        return None
+    metrics.in_flight.set_function(in_flight)
+    live = LiveState(
+        queue_status=queue.status,
+        wakeup_state=lambda: {
+            "healthy": float(wakeups.healthy),
+            "reconnects": float(wakeups.reconnects),
+        },
+    )
+    metrics.add_live_collector(live)
+    # The database must have answered recently: the worker calls it at least every poll
+    # interval when idle and every third of a lease when busy.
+    stale_after = max(30.0, settings.poll_seconds * 3, settings.lease_seconds * 0.7)
+
+    async def healthz() -> Response:
+        return Response.json(
+            200, {"status": "ok", "loop_lag_max_ms": round(metrics.loop_lag_max * 1000, 1)}
+        )
+
+    async def readyz() -> Response:
+        problems = []
+        last_ok = queue.last_ok
+        if last_ok is None or time.monotonic() - last_ok > stale_after:
+            problems.append("database not reached recently")
+        if not wakeups.healthy:
+            problems.append("wake-up source not connected (polling covers it)")
+        status = 200 if not problems else 503
+        return Response.json(status, {"ready": not problems, "problems": problems})
+
+    async def metrics_endpoint() -> Response:
+        try:
+            await live.refresh()
+        except ImageListenerError as exc:
+            log.warning("queue_snapshot_failed", reason=exc.detail)
+        return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+    return OpsServer(
+        settings.http_host,
+        settings.http_port,
+        {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_endpoint},
+    )

@@ -7,6 +7,7 @@ Prometheus scrapes (the queue snapshot is cached a few seconds, so scrapes stay 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -180,3 +181,12 @@ class LiveState(Collector):
             family = GaugeMetricFamily(f"image_listener_wakeup_{name}", f"Wake-up source {name}")
             family.add_metric([], value)
             yield family
+
+
+async def watch_loop_lag(metrics: Metrics, interval: float = 0.05) -> None:
+    """Measure how late the loop runs a short timer: stalls from CPU work show up here."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval)
+        metrics.observe_loop_lag(max(0.0, loop.time() - started - interval))

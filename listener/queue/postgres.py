@@ -1,50 +1,35 @@
-"""The JobStore over a PostgreSQL connection pool: each method is one call of a queue function.
+"""The queue transport over PostgreSQL: each call is one autocommitted statement,
+``select … public.<function>(p_name => …)``, on a connection from the daemon's pool (or, for a
+one-shot command, a connection of its own).
 
 Driver errors are translated here, once: connection trouble and timeouts become
 ``DatabaseUnavailable`` (transient), anything else an ``OperatorError`` (a bug or a schema that
-does not match), so the worker never sees a psycopg exception.
+does not match), so no caller ever sees a psycopg exception.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
-from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import set_json_loads
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from core.errors import DatabaseUnavailable, OperatorError, first_line
-from core.models import ClaimedJob
-from core.ports import WriteResult
+from listener.queue.calls import Arguments
 
-#: The claim keeps the server's durable commit. Committing it asynchronously
-#: (``synchronous_commit`` off for that transaction) saved ~0.2 ms of wake-up, but a server
-#: crash within the WAL writer's delay forgets the claim while the call it started goes on:
-#: the request is then claimed and generated again, a second billed image (bench/FINDINGS.md).
-_CLAIM = "select * from public.image_jobs_claim(%s, %s, %s, %s)"
-_EXTEND = "select public.image_jobs_extend(%s, %s::uuid[], %s::integer[], %s) as request_id"
-_COMPLETE = "select public.image_jobs_complete(%s, %s, %s, %s, %s::jsonb) as result"
-_FAIL = "select public.image_jobs_fail(%s, %s, %s, %s, %s, %s, %s::jsonb) as result"
-_RELEASE = "select public.image_jobs_release(%s, %s, %s) as result"
-_NEXT_DUE = "select public.image_jobs_next_due() as due"
-_STATUS = "select public.image_queue_status(p_failures => 0) as status"
-
-#: what the queue functions return -> what the worker needs to know
-WRITE_RESULTS = {
-    "completed": WriteResult.DONE,
-    "failed": WriteResult.DONE,
-    "retrying": WriteResult.DONE,
-    "released": WriteResult.DONE,
-    "lease_lost": WriteResult.LEASE_LOST,
-    "cancelled": WriteResult.CANCELLED,
-}
+#: gives a connection for one call and takes it back afterwards
+ConnectionSource = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
+#: prepare_threshold=None keeps every connection usable behind PgBouncer/Supavisor in
+#: transaction mode (server-side prepared statements do not survive a transaction there)
+_CONNECTION_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
 
 
 class UndecodableJson:
@@ -83,12 +68,7 @@ def open_pool(conninfo: str, *, max_size: int, timeout: float) -> AsyncConnectio
         max_size=max_size,
         timeout=timeout,
         open=False,
-        # prepare_threshold=None keeps us compatible with PgBouncer/Supavisor transaction mode.
-        kwargs={
-            "autocommit": True,
-            "prepare_threshold": None,
-            "application_name": "image-listener:worker",
-        },
+        kwargs={**_CONNECTION_KWARGS, "application_name": "image-listener:worker"},
         # No check on checkout: it cost a round trip (and a transaction) per call. A connection
         # broken by a restart fails its call once (DatabaseUnavailable, retried) and the pool
         # replaces it.
@@ -96,93 +76,96 @@ def open_pool(conninfo: str, *, max_size: int, timeout: float) -> AsyncConnectio
     )
 
 
-class PgJobStore:
-    """Calls the queue's SQL functions; every call is a single autocommitted statement."""
+def connect_per_call(conninfo: str, *, connect_timeout: float) -> ConnectionSource:
+    """A fresh connection for each call: for one-shot commands, where a pool would outlive
+    its single use."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, call_timeout: float) -> None:
-        self._pool = pool
+    @asynccontextmanager
+    async def connection() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        conn = await psycopg.AsyncConnection.connect(
+            conninfo,
+            connect_timeout=max(1, round(connect_timeout)),
+            application_name="image-listener:command",
+            **_CONNECTION_KWARGS,
+        )
+        async with conn:
+            yield conn
+
+    return connection
+
+
+class SqlTransport:
+    """Calls ``public`` functions with named arguments, one autocommitted statement each.
+
+    Every call keeps the server's durable commit. Committing the claim asynchronously
+    (``synchronous_commit`` off for its transaction) saved ~0.2 ms of wake-up, but a server
+    crash within the WAL writer's delay forgets the claim while the call it started goes on:
+    the request is then claimed and generated again, a second billed image (bench/FINDINGS.md).
+    """
+
+    def __init__(self, connection: ConnectionSource, *, call_timeout: float) -> None:
+        self._connection = connection
         # Bounds every call, pool wait included: a half-open socket must not hang the worker.
         self._call_timeout = call_timeout
-        #: monotonic time of the last call that reached the database (readiness)
-        self.last_ok: float | None = None
+        self._last_ok: float | None = None
 
-    async def _fetch(self, query: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+    @classmethod
+    def over_pool(cls, pool: AsyncConnectionPool, *, call_timeout: float) -> SqlTransport:
+        return cls(pool.connection, call_timeout=call_timeout)
+
+    @property
+    def last_ok(self) -> float | None:
+        return self._last_ok
+
+    async def rows(self, function: str, arguments: Arguments) -> Sequence[Mapping[str, Any]]:
+        return await self._fetch(function, arguments, table=True)
+
+    async def values(self, function: str, arguments: Arguments) -> list[Any]:
+        return [row["value"] for row in await self._fetch(function, arguments, table=False)]
+
+    async def value(self, function: str, arguments: Arguments) -> Any:
+        rows = await self._fetch(function, arguments, table=False)
+        return rows[0]["value"] if rows else None
+
+    async def _fetch(
+        self, function: str, arguments: Arguments, *, table: bool
+    ) -> list[dict[str, Any]]:
+        query = _statement(function, tuple(arguments), table)
+        params = {name: _adapt(value) for name, value in arguments.items()}
         try:
             async with asyncio.timeout(self._call_timeout):
-                async with self._pool.connection() as conn:
+                async with self._connection() as conn:
                     async with conn.cursor(row_factory=dict_row) as cur:
                         set_json_loads(lenient_json_loads, cur)
                         await cur.execute(query, params)
                         rows = await cur.fetchall()
-            self.last_ok = time.monotonic()
-            return rows
         except TimeoutError as exc:
             raise DatabaseUnavailable(
-                f"database call timed out after {self._call_timeout:g}s"
+                f"database call {function} timed out after {self._call_timeout:g}s"
             ) from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise DatabaseUnavailable(f"database call failed: {first_line(exc)}") from exc
+            raise DatabaseUnavailable(
+                f"database call {function} failed: {first_line(exc)}"
+            ) from exc
         except psycopg.Error as exc:
-            raise OperatorError(f"database call rejected: {first_line(exc)}") from exc
+            raise OperatorError(f"database call {function} rejected: {first_line(exc)}") from exc
+        self._last_ok = time.monotonic()
+        return rows
 
-    async def claim(
-        self, worker: str, limit: int, lease_seconds: float, max_attempts: int
-    ) -> list[ClaimedJob]:
-        rows = await self._fetch(_CLAIM, (worker, limit, lease_seconds, max_attempts))
-        return [ClaimedJob.from_row(row) for row in rows]
 
-    async def extend(
-        self, worker: str, held: Sequence[tuple[UUID, int]], lease_seconds: float
-    ) -> set[UUID]:
-        if not held:
-            return set()
-        ids = [request_id for request_id, _ in held]
-        attempts = [attempt for _, attempt in held]
-        rows = await self._fetch(_EXTEND, (worker, ids, attempts, lease_seconds))
-        return {row["request_id"] for row in rows}
+@functools.cache
+def _statement(function: str, names: tuple[str, ...], table: bool) -> str:
+    """The statement for one function and set of argument names (built once, then reused)."""
+    if not function.isidentifier() or not all(name.isidentifier() for name in names):
+        raise OperatorError(f"not a queue function call: {function}({', '.join(names)})")
+    arguments = ", ".join(f"{name} => %({name})s" for name in names)
+    if table:
+        return f"select * from public.{function}({arguments})"
+    return f"select public.{function}({arguments}) as value"
 
-    async def complete(
-        self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
-    ) -> WriteResult:
-        rows = await self._fetch(
-            _COMPLETE, (job.request_id, worker, job.attempt, image_url, json.dumps(metadata))
-        )
-        return WRITE_RESULTS[rows[0]["result"]]
 
-    async def fail(
-        self,
-        job: ClaimedJob,
-        worker: str,
-        *,
-        public_error: str,
-        detail: str,
-        retry_in_seconds: float | None,
-        metadata: Mapping[str, Any],
-    ) -> WriteResult:
-        rows = await self._fetch(
-            _FAIL,
-            (
-                job.request_id,
-                worker,
-                job.attempt,
-                public_error,
-                detail,
-                retry_in_seconds,
-                json.dumps(metadata),
-            ),
-        )
-        return WRITE_RESULTS[rows[0]["result"]]
-
-    async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
-        rows = await self._fetch(_RELEASE, (job.request_id, worker, job.attempt))
-        return WRITE_RESULTS[rows[0]["result"]]
-
-    async def status(self) -> dict[str, Any]:
-        rows = await self._fetch(_STATUS, ())
-        status: dict[str, Any] = rows[0]["status"]
-        return status
-
-    async def next_due(self) -> datetime | None:
-        rows = await self._fetch(_NEXT_DUE, ())
-        due = rows[0]["due"]
-        return due if isinstance(due, datetime) else None
+def _adapt(value: object) -> object:
+    """Mappings go to jsonb parameters; psycopg adapts everything else by its Python type."""
+    if isinstance(value, Mapping):
+        return Jsonb(dict(value))
+    return value

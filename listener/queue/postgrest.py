@@ -1,5 +1,5 @@
-"""The JobStore over PostgREST: the same queue functions as the PostgreSQL mode, called with
-``supabase.rpc(...)`` and the service-role key. No queue logic is repeated here.
+"""The queue transport over PostgREST: the same queue functions as the SQL transport, called
+with ``supabase.rpc(...)`` and the service-role key. No queue logic is repeated here.
 
 Retries: the supabase client retries only GET/HEAD, and these calls are POSTs, so it adds no
 layer of its own. Our policy is the one the worker already applies in both modes: a failed
@@ -17,16 +17,13 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 import httpx
 from postgrest.exceptions import APIError
 from supabase import AsyncClient
 
 from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError
-from core.models import ClaimedJob
-from core.ports import WriteResult
-from listener.queue.postgres import WRITE_RESULTS
+from listener.queue.calls import Arguments
 
 #: PostgREST's own codes for "cannot reach / use the database right now"
 _POSTGREST_TRANSIENT = frozenset({"PGRST000", "PGRST001", "PGRST002", "PGRST003"})
@@ -51,20 +48,42 @@ def translate_api_error(exc: APIError) -> ImageListenerError:
     return OperatorError(detail)
 
 
-class SupabaseJobStore:
-    """Each method is one ``rpc`` call, bounded by ``call_timeout``."""
+class RpcTransport:
+    """Each call is one ``rpc``, bounded by ``call_timeout``; arguments travel as JSON."""
 
     def __init__(self, client: AsyncClient, *, call_timeout: float) -> None:
         self._client = client
         self._call_timeout = call_timeout
-        #: monotonic time of the last call PostgREST answered (readiness)
-        self.last_ok: float | None = None
+        self._last_ok: float | None = None
 
-    async def call(self, function: str, params: Mapping[str, Any]) -> Any:
-        """One rpc; errors translated into the core tree (also used by the admin commands)."""
+    @property
+    def last_ok(self) -> float | None:
+        return self._last_ok
+
+    async def rows(self, function: str, arguments: Arguments) -> Sequence[Mapping[str, Any]]:
+        rows = await self._call(function, arguments)
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            # postgrest-py hands back the raw text of an answer that is not JSON at all.
+            raise OperatorError(f"PostgREST call {function}: the answer could not be decoded")
+        return rows
+
+    async def values(self, function: str, arguments: Arguments) -> list[Any]:
+        # A set-returning function of a scalar comes back as a list of bare values.
+        values = await self._call(function, arguments)
+        if values is None:
+            return []
+        if not isinstance(values, list):
+            raise OperatorError(f"PostgREST call {function}: the answer could not be decoded")
+        return values
+
+    async def value(self, function: str, arguments: Arguments) -> Any:
+        return await self._call(function, arguments)
+
+    async def _call(self, function: str, arguments: Arguments) -> Any:
+        params = {name: _json_value(value) for name, value in arguments.items()}
         try:
             async with asyncio.timeout(self._call_timeout):
-                response = await self._client.rpc(function, dict(params)).execute()
+                response = await self._client.rpc(function, params).execute()
         except TimeoutError as exc:
             raise DatabaseUnavailable(
                 f"PostgREST call {function} timed out after {self._call_timeout:g}s"
@@ -82,98 +101,18 @@ class SupabaseJobStore:
             raise OperatorError(
                 f"PostgREST call {function}: the answer could not be decoded ({type(exc).__name__})"
             ) from exc
-        self.last_ok = time.monotonic()
+        self._last_ok = time.monotonic()
         return response.data
 
-    async def claim(
-        self, worker: str, limit: int, lease_seconds: float, max_attempts: int
-    ) -> list[ClaimedJob]:
-        rows = await self.call(
-            "image_jobs_claim",
-            {
-                "p_worker": worker,
-                "p_limit": limit,
-                "p_lease_seconds": lease_seconds,
-                "p_max_attempts": max_attempts,
-            },
-        )
-        if not isinstance(rows, list):
-            # postgrest-py hands back the raw text of an answer that is not JSON at all.
-            raise OperatorError("PostgREST call image_jobs_claim: the answer could not be decoded")
-        return [ClaimedJob.from_row(row) for row in rows]
 
-    async def extend(
-        self, worker: str, held: Sequence[tuple[UUID, int]], lease_seconds: float
-    ) -> set[UUID]:
-        if not held:
-            return set()
-        rows = await self.call(
-            "image_jobs_extend",
-            {
-                "p_worker": worker,
-                "p_request_ids": [str(request_id) for request_id, _ in held],
-                "p_attempts": [attempt for _, attempt in held],
-                "p_lease_seconds": lease_seconds,
-            },
-        )
-        # A set-returning function of a scalar comes back as a list of bare values.
-        return {UUID(str(value)) for value in rows or []}
-
-    async def complete(
-        self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
-    ) -> WriteResult:
-        result = await self.call(
-            "image_jobs_complete",
-            {
-                "p_request_id": str(job.request_id),
-                "p_worker": worker,
-                "p_attempt": job.attempt,
-                "p_image_url": image_url,
-                "p_metadata": _json_safe(metadata),
-            },
-        )
-        return WRITE_RESULTS[str(result)]
-
-    async def fail(
-        self,
-        job: ClaimedJob,
-        worker: str,
-        *,
-        public_error: str,
-        detail: str,
-        retry_in_seconds: float | None,
-        metadata: Mapping[str, Any],
-    ) -> WriteResult:
-        result = await self.call(
-            "image_jobs_fail",
-            {
-                "p_request_id": str(job.request_id),
-                "p_worker": worker,
-                "p_attempt": job.attempt,
-                "p_error": public_error,
-                "p_detail": detail,
-                "p_retry_in_seconds": retry_in_seconds,
-                "p_metadata": _json_safe(metadata),
-            },
-        )
-        return WRITE_RESULTS[str(result)]
-
-    async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
-        result = await self.call(
-            "image_jobs_release",
-            {"p_request_id": str(job.request_id), "p_worker": worker, "p_attempt": job.attempt},
-        )
-        return WRITE_RESULTS[str(result)]
-
-    async def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = await self.call("image_queue_status", {"p_failures": 0})
-        return status
-
-    async def next_due(self) -> datetime | None:
-        result = await self.call("image_jobs_next_due", {})
-        return None if result is None else datetime.fromisoformat(str(result))
-
-
-def _json_safe(value: Mapping[str, Any]) -> Any:
-    """Metadata as plain JSON (UUIDs, datetimes become strings), as PostgREST needs."""
-    return json.loads(json.dumps(value, default=str))
+def _json_value(value: object) -> Any:
+    """An argument as JSON: ids and times as text, mappings and lists element by element."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return json.loads(json.dumps(value, default=str))
+    if isinstance(value, list | tuple):
+        return [_json_value(item) for item in value]
+    return str(value)

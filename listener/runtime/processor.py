@@ -17,7 +17,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError
-from core.lease import lease_certainly_held
+from core.lease import Lease
 from core.models import ClaimedJob, TokenUsage, object_path
 from core.outcome import completion_metadata, failure_metadata
 from core.ports import ImageGenerator, ImageStorage, JobStore, WriteResult
@@ -77,14 +77,11 @@ class JobProcessor:
         self._rand = rand or random.Random()
         self._metrics = metrics
 
-    async def process(
-        self, job: ClaimedJob, lease_confirmed_at: Callable[[], float] | None = None
-    ) -> str:
+    async def process(self, job: ClaimedJob, lease: Lease | None = None) -> str:
         """Run one attempt; returns the outcome that was logged (and counted).
 
-        ``lease_confirmed_at`` gives the monotonic time just before the database last granted
-        or renewed this lease (see :mod:`core.lease`); without it the lease is always re-checked
-        before the image is stored.
+        ``lease`` is the worker's view of this job's lease, renewed in place (see
+        :mod:`core.lease`); without it the lease is always re-checked before the image is stored.
         """
         started = self._clock()
         # Each job runs in its own task, hence its own context copy: these fields reach every
@@ -92,7 +89,7 @@ class JobProcessor:
         structlog.contextvars.bind_contextvars(request_id=str(job.request_id), attempt=job.attempt)
         summary = AttemptSummary()
         try:
-            await self._attempt(job, started, summary, lease_confirmed_at)
+            await self._attempt(job, started, summary, lease)
         except ImageListenerError as exc:
             await self._record_failure(job, exc, started, summary)
         except Exception as exc:  # a bug of ours: keep the stack for operators, not the user
@@ -140,7 +137,7 @@ class JobProcessor:
         job: ClaimedJob,
         started: float,
         summary: AttemptSummary,
-        lease_confirmed_at: Callable[[], float] | None,
+        lease: Lease | None,
     ) -> None:
         config = self._config
         params = generation_params(job, model=config.model, default_size=config.default_size)
@@ -151,9 +148,7 @@ class JobProcessor:
         # Fence before touching storage: a worker that lost its lease must not overwrite the
         # image the new holder may already have stored at the same path. Within the trusted
         # share of a fresh lease nobody else can hold it, and the round trip is skipped.
-        fresh = lease_confirmed_at is not None and lease_certainly_held(
-            lease_confirmed_at(), self._clock(), config.lease_seconds
-        )
+        fresh = lease is not None and lease.certainly_held(self._clock(), config.lease_seconds)
         if not fresh:
             held = await self._store.extend(
                 config.worker_id, [(job.request_id, job.attempt)], config.lease_seconds

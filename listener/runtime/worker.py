@@ -20,6 +20,7 @@ from uuid import UUID
 import structlog
 
 from core.errors import DatabaseUnavailable, ImageListenerError
+from core.lease import Lease
 from core.models import ClaimedJob
 from core.ports import JobStore, WriteResult
 from listener.ops.metrics import Metrics
@@ -62,8 +63,8 @@ class Worker:
         self._config = config
         self._wake = asyncio.Event()
         self._running: dict[UUID, tuple[ClaimedJob, asyncio.Task[str]]] = {}
-        #: monotonic time just before the request that last granted or renewed each lease
-        self._confirmed: dict[UUID, float] = {}
+        #: the lease of each running job, renewed in place and read by its processor
+        self._leases: dict[UUID, Lease] = {}
         self.claimed_total = 0
         self.last_claim_ok: datetime | None = None
 
@@ -157,10 +158,10 @@ class Worker:
 
     def _start(self, job: ClaimedJob, confirmed_at: float) -> None:
         self.claimed_total += 1
-        self._confirmed[job.request_id] = confirmed_at
+        lease = Lease(job.request_id, job.attempt, confirmed_at)
+        self._leases[job.request_id] = lease
         task = asyncio.create_task(
-            self._processor.process(job, lambda: self._confirmed.get(job.request_id, 0.0)),
-            name=f"job-{job.request_id}",
+            self._processor.process(job, lease), name=f"job-{job.request_id}"
         )
         self._running[job.request_id] = (job, task)
         task.add_done_callback(functools.partial(self._finished, job.request_id))
@@ -169,7 +170,7 @@ class Worker:
         entry = self._running.get(request_id)
         if entry is not None and entry[1] is task:
             del self._running[request_id]
-            self._confirmed.pop(request_id, None)
+            self._leases.pop(request_id, None)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             # The final write could not reach the database: the lease will expire and the job
@@ -197,8 +198,8 @@ class Worker:
                 log.warning("lease_renewal_failed", reason=exc.detail, jobs=len(held))
                 continue
             for request_id in still_held:
-                if request_id in self._confirmed:
-                    self._confirmed[request_id] = asked_at
+                if (lease := self._leases.get(request_id)) is not None:
+                    lease.confirmed_at = asked_at
             for request_id, _attempt in held:
                 if request_id not in still_held and request_id in self._running:
                     _job, task = self._running[request_id]

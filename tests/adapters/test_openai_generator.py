@@ -21,6 +21,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from structlog.testing import capture_logs
 
 from core.errors import (
     ImageListenerError,
@@ -41,6 +42,7 @@ from listener.generators.openai import (
     parse_retry_after,
 )
 from listener.generators.retrying import RetryingGenerator
+from listener.ops.metrics import Metrics
 from tests.support.fake_openai import FakeOpenAI, parse_directives
 
 API_KEY = "sk-test-SECRET-abc123"
@@ -358,20 +360,26 @@ async def test_retry_really_sleeps_with_the_default_sleep(
 async def test_retries_server_errors_and_dropped_connections_with_backoff(
     fake: FakeOpenAI, generator: OpenAIImageGenerator
 ) -> None:
-    """A 500 then a dropped connection are retried with 1 s, 2 s backoff, and on_retry sees each."""
+    """A 500 then a dropped connection are retried with 1 s, 2 s backoff; each retry is logged
+    as ``provider_retry`` and counted in the metrics by its error code."""
     sleep = RecordingSleep()
-    seen: list[tuple[type[BaseException], int, float]] = []
-    wrapper = RetryingGenerator(
-        generator,
-        NO_JITTER,
-        sleep=sleep,
-        on_retry=lambda error, number, delay: seen.append((type(error), number, delay)),
-    )
+    metrics = Metrics({})
+    wrapper = RetryingGenerator(generator, NO_JITTER, metrics=metrics, sleep=sleep)
     prompt = "a cat [fake:fail=500,drop]"
-    image = await wrapper.generate(params(prompt))
+    with capture_logs() as logs:
+        image = await wrapper.generate(params(prompt))
     assert isinstance(image, GeneratedImage)
     assert sleep.delays == [1.0, 2.0]
-    assert seen == [(ProviderUnavailable, 1, 1.0), (ProviderUnavailable, 2, 2.0)]
+    retries = [
+        (entry["retry"], entry["delay_s"], entry["error_code"])
+        for entry in logs
+        if entry["event"] == "provider_retry"
+    ]
+    assert retries == [(1, 1.0, "provider_unavailable"), (2, 2.0, "provider_unavailable")]
+    counted = metrics.registry.get_sample_value(
+        "image_listener_provider_retries_total", {"reason": "provider_unavailable"}
+    )
+    assert counted == 2.0
     assert fake.calls(prompt) == 3
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,81 +15,12 @@ import pytest
 import structlog
 
 from core.png import read_png_size
-from core.retry import RetryPolicy
-from listener.generators.openai import OpenAIImageGenerator, build_openai_client
-from listener.generators.retrying import RetryingGenerator
-from listener.queue.postgres import PgJobStore, open_pool
-from listener.runtime.processor import JobProcessor, ProcessorConfig
-from listener.runtime.worker import Worker, WorkerConfig
-from listener.storage.local import LocalDirectoryStorage
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.pg import as_user
 from tests.support.queue_helpers import insert_request, job_of, new_chat, reply_of
+from tests.support.worker_rig import API_KEY, FAST, Rig
 
 Conn = psycopg.Connection[dict[str, Any]]
-API_KEY = "sk-test-WORKER-secret-7f3a"
-# Fast schedules: the behaviour under test is the decision, not the wall-clock wait.
-FAST = RetryPolicy(
-    tries_per_attempt=3,
-    base_delay=0.01,
-    max_delay=0.05,
-    attempt_backoff_base=0.05,
-    attempt_backoff_max=0.1,
-)
-
-
-@dataclass
-class Rig:
-    """A worker wired to real parts; ``drain()`` runs it until the queue is empty."""
-
-    database_url: str
-    fake: FakeOpenAI
-    image_dir: Path
-    policy: RetryPolicy = FAST
-    max_attempts: int = 3
-    lease_seconds: float = 30.0
-    concurrency: int = 4
-
-    openai_timeout: float = 2.0
-
-    async def drain(self, limit_seconds: float = 30.0) -> Worker:
-        pool = open_pool(self.database_url, max_size=4, timeout=5)
-        await pool.open(wait=True)
-        client = build_openai_client(API_KEY, self.fake.base_url, self.openai_timeout)
-        try:
-            store = PgJobStore(pool, call_timeout=5)
-            processor = JobProcessor(
-                store=store,
-                generator=RetryingGenerator(OpenAIImageGenerator(client), self.policy),
-                storage=LocalDirectoryStorage(self.image_dir, None),
-                config=ProcessorConfig(
-                    worker_id="test-worker",
-                    model="gpt-image-2.6-flare",
-                    default_size="1024x1024",
-                    max_attempts=self.max_attempts,
-                    lease_seconds=self.lease_seconds,
-                    log_prompts=False,
-                    retry_policy=self.policy,
-                ),
-            )
-            worker = Worker(
-                store=store,
-                processor=processor,
-                config=WorkerConfig(
-                    worker_id="test-worker",
-                    concurrency=self.concurrency,
-                    lease_seconds=self.lease_seconds,
-                    max_attempts=self.max_attempts,
-                    poll_seconds=0.2,
-                    shutdown_grace_seconds=5,
-                ),
-            )
-            async with asyncio.timeout(limit_seconds):
-                await worker.run(asyncio.Event(), drain=True)
-            return worker
-        finally:
-            await client.close()
-            await pool.close()
 
 
 @pytest.fixture

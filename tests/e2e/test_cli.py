@@ -247,7 +247,7 @@ def test_dev_offline_serves_ask_with_a_labelled_placeholder(tmp_path: Path) -> N
         [
             sys.executable,
             "-m",
-            "listener.commands.cli",
+            "listener",
             "dev",
             "--offline",
             "--data-dir",

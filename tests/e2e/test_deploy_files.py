@@ -421,7 +421,7 @@ def test_the_wheel_carries_the_migrations_and_migrate_runs_from_an_installed_cop
         )
         assert Path(where.stdout.strip()) == site / "listener" / "migrations", where.stderr
         result = subprocess.run(
-            [sys.executable, "-m", "listener.commands.cli", "migrate"],
+            [sys.executable, "-m", "listener", "migrate"],
             cwd=tmp_path,
             env=env,
             capture_output=True,

@@ -29,14 +29,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import OperatorError
-from listener.queue.postgrest import SupabaseJobStore
+from listener.queue.calls import QueueCalls
+from listener.queue.postgrest import RpcTransport
 from listener.supabase_client import supabase_client
-from tests.adapters.test_worker import Rig
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.module_stack import module_stack
-from tests.support.pg import PostgresServer, as_service_role, as_user, connect
+from tests.support.pg import PostgresServer, as_service_role, as_user
 from tests.support.queue_helpers import job_of, new_chat, reply_of
 from tests.support.supabase_stack import SupabaseStack
+from tests.support.worker_rig import Rig
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -622,7 +623,7 @@ async def test_supabase_claim_of_undecodable_options_is_an_error_not_a_crash(
     async with supabase_client(
         supabase_stack.url, supabase_stack.service_role_key, http_timeout=10
     ) as client:
-        store = SupabaseJobStore(client, call_timeout=10)
+        store = QueueCalls(RpcTransport(client, call_timeout=10))
         with pytest.raises(OperatorError, match="could not be decoded"):
             await store.claim("hostile-test", 4, 30, 3)
 
@@ -658,17 +659,6 @@ def build_world(db: Conn) -> World:
         ).fetchone()
     assert row is not None
     return World(owner, stranger, chat, stranger_chat, ids[0], row["id"], ids[1])
-
-
-@pytest.fixture(scope="module")
-def shared_db(pg_server: PostgresServer) -> Iterator[Conn]:
-    """One clone for the refusal table: a refused insert leaves nothing behind."""
-    name = pg_server.clone()
-    try:
-        with connect(pg_server.dsn(name)) as conn:
-            yield conn
-    finally:
-        pg_server.drop(name)
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def run_concurrently(
     """Several CLI commands at once (each is mostly interpreter start-up)."""
     started = {
         label: subprocess.Popen(
-            [sys.executable, "-m", "listener.commands.cli", *args],
+            [sys.executable, "-m", "listener", *args],
             env=dict(env),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support.pg import PostgresServer, as_service_role, as_user, connect, create_user
+from tests.support.pg import as_service_role, as_user, connect, create_user
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -31,18 +31,6 @@ def chat(db: Conn) -> tuple[uuid.UUID, uuid.UUID]:
         row = db.execute("insert into public.chats (title) values ('t') returning id").fetchone()
     assert row is not None
     return user, row["id"]
-
-
-@pytest.fixture(scope="module")
-def shared_db(pg_server: PostgresServer) -> Iterator[Conn]:
-    """One clone for the whole rejection table: a rejected insert rolls back and leaves nothing,
-    and sixty clones of their own would dominate the run time. Each case gets a fresh chat."""
-    name = pg_server.clone()
-    try:
-        with connect(pg_server.dsn(name)) as conn:
-            yield conn
-    finally:
-        pg_server.drop(name)
 
 
 @pytest.fixture

@@ -78,18 +78,6 @@ def world(db: Conn) -> World:
 
 
 @pytest.fixture(scope="module")
-def shared_db(pg_server: PostgresServer) -> Iterator[Conn]:
-    """One clone for the tests that only read or are refused: they leave the world as it was, and
-    a clone each would dominate the run time. A test that changes anything uses `db`."""
-    name = pg_server.clone()
-    try:
-        with connect(pg_server.dsn(name)) as conn:
-            yield conn
-    finally:
-        pg_server.drop(name)
-
-
-@pytest.fixture(scope="module")
 def shared_world(shared_db: Conn) -> World:
     return _build_world(shared_db)
 

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 
 from tests.support.module_stack import module_stack
-from tests.support.pg import PostgresServer, as_service_role, as_user, connect, create_user
+from tests.support.pg import PostgresServer, as_service_role, as_user, create_user
 from tests.support.supabase_stack import SupabaseStack
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -107,16 +107,6 @@ def _one(conn: Conn, sql: str, params: Any = ()) -> uuid.UUID:
     value = row["id"]
     assert isinstance(value, uuid.UUID)
     return value
-
-
-@pytest.fixture(scope="module")
-def shared_db(pg_server: PostgresServer) -> Iterator[Conn]:
-    name = pg_server.clone()
-    try:
-        with connect(pg_server.dsn(name)) as conn:
-            yield conn
-    finally:
-        pg_server.drop(name)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run one CLI command to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "listener.commands.cli", *args],
+        [sys.executable, "-m", "listener", *args],
         env=dict(env),
         capture_output=True,
         text=True,
@@ -64,7 +64,7 @@ class Daemon:
         stderr_file = None if stderr_path is None else stderr_path.open("ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "listener.commands.cli", "run", *args],
+                [sys.executable, "-m", "listener", "run", *args],
                 env=dict(env),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE if stderr_file is None else stderr_file,

@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import psycopg
 
+from listener.runtime.wiring import MODES as MODE_PLANS
+from listener.runtime.wiring import PushKind
 from tests.support.daemon_process import Daemon, listener_env
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.pg import as_user
@@ -29,7 +31,11 @@ from tests.support.supabase_stack.realtime import FakeRealtime, install_trigger_
 
 Conn = psycopg.Connection[dict[str, Any]]
 BUCKET = "generated-images"
+#: the modes the end-to-end suite runs in (hybrid shares its queue and wake-ups with postgres
+#: and its storage with supabase)
 MODES = ("postgres", "supabase")
+#: the log event that says a daemon's push channel is up
+READY_EVENTS = {PushKind.LISTEN: "listening", PushKind.REALTIME: "realtime_subscribed"}
 
 
 @dataclass
@@ -46,7 +52,7 @@ class ModeRig:
 
     @property
     def ready_event(self) -> str:
-        return "listening" if self.mode == "postgres" else "realtime_subscribed"
+        return READY_EVENTS[MODE_PLANS[self.mode].push]
 
     def start(self, **overrides: str) -> Daemon:
         daemon = Daemon({**self.env, **overrides})
@@ -153,7 +159,7 @@ def build_rig(
 ) -> Iterator[ModeRig]:
     """Generator for a fixture: the rig, then everything stopped."""
     env = listener_env(database_url, fake.base_url, image_dir)
-    if mode == "postgres":
+    if not MODE_PLANS[mode].uses_supabase:
         rig = ModeRig(mode, env, db, fake)
     else:
         secret = new_jwt_secret()

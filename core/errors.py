@@ -17,6 +17,9 @@
 Lower errors (SDK, driver, filesystem) are translated at the boundary with ``raise ... from exc``.
 Every error carries ``public_message``: text that is safe to show the end user (no key, no stack,
 no internal detail). ``str(error)`` is for operators and must never contain a secret either.
+Failures decided in SQL write user-visible text of their own (``image_jobs_claim`` for
+exhausted attempts, ``image_jobs_cancel``'s default reason): keep the tone of both in step
+(ARCHITECTURE.md, "Rules that live in two places").
 """
 
 from __future__ import annotations

@@ -133,8 +133,11 @@ def decide_after_failure(
 
     Permanent errors give up at once with their own public message. Transient errors retry with
     exponential backoff across attempts (never sooner than the provider's retry-after) until
-    ``max_attempts`` is reached. Exceptions outside the error tree are bugs or surprises: they
-    are retried like transient errors, but the user only ever sees a generic message.
+    ``max_attempts`` is reached. The same limit is enforced in SQL for attempts that never got
+    here (their worker died): ``public.image_jobs_claim`` ends a job claimed ``max_attempts``
+    times with its own failed reply (ARCHITECTURE.md, "Rules that live in two places").
+    Exceptions outside the error tree are bugs or surprises: they are retried like transient
+    errors, but the user only ever sees a generic message.
     """
     if attempt < 1:
         raise ValueError(f"attempt must be at least 1, got {attempt}")

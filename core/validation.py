@@ -3,6 +3,11 @@
 The database rejects malformed requests at insert time; this is the second line, so a row
 written around the contract (by the service role, or before a migration) still ends as a
 ``failed`` reply with a clear reason instead of crashing the worker.
+
+The same rules live in SQL, on purpose: ``public.messages_validate`` in
+``migrations/20261127080100_chats_and_messages.sql`` (ARCHITECTURE.md, "Rules that live in two
+places"). Change both together; ``tests/e2e/test_hostile_input.py`` drives both with the same
+hostile rows.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ import structlog
 
 from core.errors import DatabaseUnavailable, first_line
 
+#: the channel the queue's SQL sends on (``enqueue_image_request``, ``image_jobs_release``,
+#: ``image_jobs_retry``, ``image_jobs_requeue_stuck``): rename it in both places or in neither
 CHANNEL = "image_requests"
 #: visible in pg_stat_activity, so operators (and tests) can find the LISTEN connection
 APPLICATION_NAME = "image-listener:listen"

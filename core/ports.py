@@ -62,6 +62,11 @@ class WakeupSource(Protocol):
         """How often the source had to reconnect or rebuild (for /metrics)."""
         ...
 
+    @property
+    def hints(self) -> int:
+        """How many hints it passed on: one per request it heard of (for /metrics)."""
+        ...
+
     async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         """Call ``wake()`` on every hint and after every reconnect, until ``stop`` is set."""
         ...

@@ -227,7 +227,10 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         validation_alias=_env("HTTP_PORT"),
-        description="Port of /healthz, /readyz and /metrics; 0 turns the server off",
+        description=(
+            "Port of /healthz, /readyz and /metrics; 0 turns the server off. Unset and 8080 "
+            "taken (another listener on the host): a warning, and no endpoints"
+        ),
     )
     http_host: str = Field(
         default="0.0.0.0",
@@ -313,6 +316,12 @@ class Settings(BaseSettings):
         if value is not None and not value.isprintable():
             raise ValueError("must be printable text")
         return value
+
+    @property
+    def http_port_explicit(self) -> bool:
+        """Whether IMAGE_LISTENER_HTTP_PORT was set, rather than defaulted: only an explicit
+        port that is taken stops start-up."""
+        return "http_port" in self.model_fields_set
 
     def require_database_url(self) -> str:
         """The database URL, for commands that cannot run without one."""

@@ -9,6 +9,7 @@ event loop is the point of ``/healthz``: if the loop stalls, the probe times out
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,10 @@ class Response:
 Handler = Callable[[], Awaitable[Response]]
 
 
+class PortInUse(OperatorError):
+    """Another process (often a second listener on the host) serves the port already."""
+
+
 class OpsServer:
     """Serves ``routes`` (path -> handler) on ``host:port``; ``port`` 0 picks a free one."""
 
@@ -61,11 +66,29 @@ class OpsServer:
         try:
             self._server = await asyncio.start_server(self._serve, self._host, self._port)
         except OSError as exc:
-            raise OperatorError(
+            error = PortInUse if exc.errno == errno.EADDRINUSE else OperatorError
+            raise error(
                 f"cannot serve /healthz and /metrics on {self._host}:{self._port}: {exc.strerror}"
                 " (set IMAGE_LISTENER_HTTP_PORT to a free port, or 0 to turn it off)"
             ) from exc
         log.info("ops_server_listening", host=self._host, port=self.port)
+
+    async def start_unless_default_port_taken(self, *, port_explicit: bool) -> bool:
+        """Start; a taken port that nobody chose (the default) is a warning, not a failure,
+        so that a second listener on the host runs on without endpoints. Whether it serves."""
+        try:
+            await self.start()
+        except PortInUse as exc:
+            if port_explicit:
+                raise
+            log.warning(
+                "ops_server_port_taken",
+                reason=exc.detail,
+                advice="this listener runs without /healthz, /readyz and /metrics; give it "
+                "IMAGE_LISTENER_HTTP_PORT of its own (or 0 to say so and silence this)",
+            )
+            return False
+        return True
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -133,6 +156,7 @@ def ops_server(
         wakeup_state=lambda: {
             "healthy": float(wakeups.healthy),
             "reconnects": float(wakeups.reconnects),
+            "hints": float(wakeups.hints),
         },
     )
     metrics.add_live_collector(live)

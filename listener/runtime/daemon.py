@@ -127,8 +127,10 @@ async def _run_worker(
         asyncio.create_task(watch_loop_lag(metrics), name="loop-lag"),
     ]
     try:
-        if ops is not None:
-            await ops.start()
+        if ops is not None and not await ops.start_unless_default_port_taken(
+            port_explicit=settings.http_port_explicit
+        ):
+            ops = None
         await worker.run(stop, drain=drain)
     finally:
         for task in side_tasks:

@@ -62,6 +62,8 @@ class PgNotificationSource:
         self._relisten_after = relisten_after_seconds
         self.healthy = False
         self.connects = 0
+        #: notifications that woke the worker (one per request enqueued, retried or released)
+        self.hints = 0
         self.polling = False
 
     @property
@@ -127,6 +129,7 @@ class PgNotificationSource:
                     got_any = False
                     async for _ in conn.notifies(timeout=self._probe_seconds):
                         got_any = True
+                        self.hints += 1
                         wake()
                         if stop.is_set():
                             break

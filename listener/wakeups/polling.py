@@ -13,6 +13,7 @@ class PollingOnly:
 
     healthy = True
     reconnects = 0
+    hints = 0
 
     async def run(self, wake: Callable[[], None], stop: asyncio.Event) -> None:
         await stop.wait()

@@ -15,7 +15,10 @@ hints coming despite the traps of realtime 2.34, each handled here:
   watchdog sends a WebSocket ping and rebuilds when no pong comes within ``probe_timeout``;
 * ``phx_close`` removes the channel with no rejoin: the watchdog sees it gone and rebuilds;
 * ``SUBSCRIBED`` may arrive before the server streams: the system "ok" message triggers one
-  more catch-up claim, and the timer covers the rest.
+  more catch-up claim, and the timer covers the rest;
+* a ``postgres_changes`` filter takes one condition, and ``message_type=eq.image`` also matches
+  the assistant reply each claim inserts: the callback reads ``role`` from the event's record
+  and wakes only for user requests (one wake-up per request, not two).
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ class RealtimeWakeupSource:
         self.healthy = False
         self.sessions = 0
         self.subscriptions = 0
+        #: INSERT events received; ``hints`` of them were image requests and woke the worker
         self.events = 0
+        self.hints = 0
         self.last_event_at: float | None = None
 
     @property
@@ -169,7 +174,9 @@ class RealtimeWakeupSource:
         try:
             self.events += 1
             self.last_event_at = time.monotonic()
-            self._wake()
+            if is_image_request(payload):
+                self.hints += 1
+                self._wake()
         except Exception:
             log.exception("realtime_callback_failed")
 
@@ -196,6 +203,18 @@ class RealtimeWakeupSource:
                 self._wake()  # the server now streams: catch up on the gap before this
         except Exception:
             log.exception("realtime_callback_failed")
+
+
+def is_image_request(payload: Any) -> bool:
+    """Whether an INSERT event (already filtered on ``message_type = 'image'``) is a user's
+    request rather than an assistant reply. An event without the role (a record over Realtime's
+    1 MB limit keeps only short fields; ``role`` is short, but be safe) counts as a request:
+    a spare claim is cheap, a missed one waits for the timer."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    record = data.get("record") if isinstance(data, dict) else None
+    if not isinstance(record, dict) or "role" not in record:
+        return True
+    return bool(record["role"] == "user")
 
 
 def _session_problem(client: AsyncRealtimeClient, channel: AsyncRealtimeChannel) -> str | None:

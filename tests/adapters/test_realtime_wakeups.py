@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from listener.wakeups.realtime import RealtimeWakeupSource
+from listener.wakeups.realtime import RealtimeWakeupSource, is_image_request
 from tests.support.modes import Conn
 from tests.support.queue_helpers import insert_request, new_chat
 from tests.support.supabase_stack import SupabaseStack, anon_key, new_jwt_secret, service_role_key
@@ -66,6 +66,31 @@ async def test_subscription_wakes_and_each_insert_wakes(running: Running) -> Non
     assert running.wakes, "SUBSCRIBED triggers a catch-up claim"
     await running.insert()
     await eventually(lambda: running.source.events == 1)
+
+
+async def test_the_reply_a_claim_inserts_does_not_wake_again(running: Running) -> None:
+    """The filter ``message_type=eq.image`` also matches the assistant reply of each claim; only
+    the user's request may wake the worker: one request, one wake-up per listener."""
+    await running.insert()
+    await eventually(lambda: running.source.events == 1)
+    claimed = await asyncio.to_thread(
+        lambda: running.db.execute(
+            "select * from public.image_jobs_claim('w', 1, 60, 3)"
+        ).fetchall()
+    )
+    assert len(claimed) == 1, "the claim inserts the generating reply"
+    await eventually(lambda: running.source.events == 2)
+    assert running.source.hints == 1
+
+
+def test_only_user_rows_and_rows_without_a_role_count_as_requests() -> None:
+    def event(record: object) -> dict[str, object]:
+        return {"ids": [1], "data": {"type": "INSERT", "record": record}}
+
+    assert is_image_request(event({"role": "user", "message_type": "image"}))
+    assert not is_image_request(event({"role": "assistant", "message_type": "image"}))
+    assert is_image_request(event({"message_type": "image"}))  # fields cut by the 1 MB limit
+    assert is_image_request({"ids": [1]})
 
 
 async def test_a_wake_callback_that_raises_does_not_kill_the_listen_task(

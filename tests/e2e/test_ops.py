@@ -14,16 +14,11 @@ import pytest
 from tests.support.daemon_process import Daemon, cli, listener_env
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.modes import Conn
+from tests.support.ops_http import free_port, metric, port_is_free
 from tests.support.pg import PostgresServer
 from tests.support.queue_helpers import insert_request, new_chat, reply_of
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -60,14 +55,6 @@ def wait_complete(db: Conn, request: object, timeout: float = 15) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("not complete in time")
-
-
-def metric(text: str, name: str) -> float:
-    """The value of one sample line (``name`` includes its labels)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_healthz_readyz_and_metrics_answer_over_http(
@@ -160,3 +147,42 @@ def test_a_port_in_use_stops_start_up_with_one_line(env: dict[str, str]) -> None
     assert result.returncode == 1
     assert "IMAGE_LISTENER_HTTP_PORT" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+DEFAULT_PORT = 8080
+
+
+def test_two_listeners_on_one_host_both_run_when_the_default_port_is_taken(
+    database_url: str, fake_openai: FakeOpenAI, tmp_path: Path, db: Conn, daemons: list[Daemon]
+) -> None:
+    """With IMAGE_LISTENER_HTTP_PORT unset, the second listener on a host finds 8080 taken: it
+    logs one warning naming the setting and serves requests without endpoints. Set explicitly,
+    a taken port still stops start-up with the one-line error."""
+    env = listener_env(database_url, fake_openai.base_url, tmp_path / "images")
+    del env["IMAGE_LISTENER_HTTP_PORT"]
+    default_was_free = port_is_free(DEFAULT_PORT)
+    first = Daemon(env)
+    daemons.append(first)
+    first.wait_for_event("ops_server_listening" if default_was_free else "ops_server_port_taken")
+    first.wait_for_event("listening")
+    second = Daemon(env)
+    daemons.append(second)
+    second.wait_for_event("listening")
+    taken = [d for d in (first, second) if '"ops_server_port_taken"' in d.output()]
+    if default_was_free:  # else something else on this host holds 8080: both must carry on
+        assert taken == [second], first.output() + second.output()
+        assert httpx.get(f"http://127.0.0.1:{DEFAULT_PORT}/healthz", timeout=5).status_code == 200
+    assert second in taken
+    warning = next(line for line in second.lines if "ops_server_port_taken" in line)
+    assert "IMAGE_LISTENER_HTTP_PORT" in warning
+
+    user, chat = new_chat(db)
+    requests = [insert_request(db, user, chat, f"busy host {i} [fake:delay=1]") for i in range(8)]
+    for request in requests:
+        wait_complete(db, request, timeout=20)
+    for daemon in (first, second):
+        assert daemon.output().count('"request_finished"') >= 1, "both listeners work"
+    explicit = cli("run", env={**env, "IMAGE_LISTENER_HTTP_PORT": str(DEFAULT_PORT)})
+    assert explicit.returncode == 1
+    assert "IMAGE_LISTENER_HTTP_PORT" in explicit.stderr
+    assert explicit.stderr.count("\n") == 1

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.support.daemon_process import Daemon, cli
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.modes import Conn, ModeRig, build_rig
+from tests.support.ops_http import free_port, metric
 from tests.support.queue_helpers import insert_request, new_chat
 
 pytestmark = pytest.mark.e2e
@@ -53,6 +55,23 @@ def test_realtime_wakes_the_listener_within_a_second(rig: ModeRig) -> None:
     request = rig.insert_request(user, chat, "quick")
     rig.wait_final(request, timeout=10)
     assert time.monotonic() - started < 1.5
+
+
+def test_one_request_wakes_each_listener_once(rig: ModeRig) -> None:
+    """Realtime also sends the reply each claim inserts (it is an image message too): each of
+    two listeners counts one wake-up hint for one request, not two."""
+    ports = [free_port(), free_port()]
+    for port in ports:
+        rig.start(
+            **SLOW_POLL, IMAGE_LISTENER_HTTP_PORT=str(port), IMAGE_LISTENER_HTTP_HOST="127.0.0.1"
+        )
+    user, chat = new_chat(rig.db)
+    request = rig.insert_request(user, chat, "one request")
+    assert rig.wait_final(request, timeout=10)["status"] == "complete"
+    time.sleep(1.0)  # the reply's own events, had they woken anyone, have arrived by now
+    for port in ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert metric(text, "image_listener_wakeup_hints") == 1.0
 
 
 @pytest.mark.parametrize("injected", ["drop_connections", "close_channels", "go_silent"])

@@ -705,6 +705,7 @@ def _row(world: World, **changes: Any) -> dict[str, Any]:
 
 CASING = "message_type must be 'text' or 'image' in lower case (got '{}')"
 ROLE = "role must be one of user, assistant, system (got {})"
+CHAT_NOT_FOUND = "chat {chat_id} not found"
 FORGED = {
     "message-type-IMAGE": ({"message_type": "IMAGE"}, "23514", CASING.format("IMAGE"), 400),
     "message-type-Image": ({"message_type": "Image"}, "23514", CASING.format("Image"), 400),
@@ -719,13 +720,15 @@ FORGED = {
     "role-Assistant": ({"role": "Assistant"}, "23514", ROLE.format("'Assistant'"), 400),
     "role-USER": ({"role": "USER"}, "23514", ROLE.format("'USER'"), 400),
     "role-null": ({"role": None}, "23514", ROLE.format("null"), 400),
-    "someone-elses-chat": ({"chat_id": "@stranger_chat"}, "42501", RLS_VIOLATION, 403),
+    # someone else's chat gets exactly the answer of a chat that does not exist
+    "someone-elses-chat": ({"chat_id": "@stranger_chat"}, "23514", CHAT_NOT_FOUND, 400),
     "chat-that-does-not-exist": (
         {"chat_id": "00000000-0000-4000-8000-000000000000"},
-        "42501",
-        RLS_VIOLATION,
-        403,
+        "23514",
+        CHAT_NOT_FOUND,
+        400,
     ),
+    "no-chat-id": ({"chat_id": None}, "23502", "chat_id is required", 400),
     "claims-to-be-the-reply": (
         {
             "role": "assistant",
@@ -759,7 +762,8 @@ FORGED = {
 
 def _forged(world: World, case: str) -> Forged:
     changes, sqlstate, message, status = FORGED[case]
-    return Forged(_row(world, **changes), sqlstate, message, status)
+    row = _row(world, **changes)
+    return Forged(row, sqlstate, message.replace("{chat_id}", str(row["chat_id"])), status)
 
 
 def _insert_sql(db: Conn, user: uuid.UUID, row: dict[str, Any]) -> None:
@@ -924,7 +928,10 @@ async def test_a_burst_in_one_statement_is_all_or_nothing_and_each_gets_one_repl
     args = {"chat": chat, "other": stranger_chat, "n": BURST, "odd": 0, "bad": 0}
     with pytest.raises(psycopg.errors.CheckViolation, match="in lower case"), as_user(db, user):
         db.execute(insert_many, args | {"bad": BURST - 1})
-    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level"), as_user(db, user):
+    with (
+        pytest.raises(psycopg.errors.CheckViolation, match=f"chat {stranger_chat} not found"),
+        as_user(db, user),
+    ):
         db.execute(insert_many, args | {"odd": BURST // 2})
     assert db.execute("select count(*) as n from public.messages").fetchone() == {"n": 0}
 

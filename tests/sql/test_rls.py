@@ -119,8 +119,11 @@ def test_b_cannot_see_a_rows_even_by_id(
 
 
 def test_b_cannot_insert_into_a_chat(shared_db: Conn, shared_world: World) -> None:
+    """Refused as if A's chat did not exist: B learns nothing about it."""
     with (
-        pytest.raises(psycopg.errors.InsufficientPrivilege, match=RLS_VIOLATION),
+        pytest.raises(
+            psycopg.errors.CheckViolation, match=f"^chat {shared_world.chat_a} not found\n"
+        ),
         as_user(shared_db, shared_world.b),
     ):
         shared_db.execute(

@@ -65,7 +65,16 @@ class Executes:
     (called with NULL arguments, a queue function may refuse them), never 42501."""
 
 
-Outcome = Denied | Rows | Returns | Executes
+@dataclass(frozen=True)
+class Refused:
+    """Refused before RLS by a trigger that names the problem (``{param}`` filled from the world),
+    with the same answer whatever the hidden rows hold."""
+
+    sqlstate: str
+    message: str
+
+
+Outcome = Denied | Refused | Rows | Returns | Executes
 
 
 def no_table(table: str) -> Denied:
@@ -258,7 +267,8 @@ TABLE_MATRIX: dict[str, dict[str, dict[str, Outcome]]] = {
         "insert": {
             "anon": no_table("messages"),
             "owner": Rows(1),
-            "stranger": rls("messages"),
+            # as if the owner's chat did not exist (migrations/20261205100000_chat_not_found.sql)
+            "stranger": Refused("23514", "chat {owner_chat} not found"),
             "service_role": Rows(1),
         },
         "update": {  # nobody but the service role updates a message, not even the owner
@@ -314,10 +324,11 @@ def test_table_cell(
             count, error = None, exc
         took_effect = _observe(shared_db, spec.effect, params)
 
-    if isinstance(expected, Denied):
+    if isinstance(expected, Denied | Refused):
         assert error is not None, f"allowed ({count} rows) but should be denied"
-        assert error.sqlstate == "42501"
-        assert error.diag.message_primary == expected.message
+        sqlstate = expected.sqlstate if isinstance(expected, Refused) else "42501"
+        assert error.sqlstate == sqlstate
+        assert error.diag.message_primary == expected.message.format(**params)
         assert took_effect in (None, False)
         return
     assert isinstance(expected, Rows)
@@ -341,6 +352,7 @@ def _nobody(name: str) -> dict[str, Outcome]:
 #: every function the migrations create in public and image_queue, by qualified name
 FUNCTION_MATRIX: dict[str, dict[str, Outcome]] = {
     "public.messages_validate": _nobody("messages_validate"),
+    "public.messages_require_own_chat": _nobody("messages_require_own_chat"),
     "public.messages_touch_updated_at": _nobody("messages_touch_updated_at"),
     # image_queue is not even USAGE-able by the API roles, so its functions fail on the schema
     "image_queue.enqueue_image_request": {role: NO_QUEUE_SCHEMA for role in ROLES},

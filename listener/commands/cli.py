@@ -19,6 +19,8 @@ Every command exits 0 on success and non-zero on failure with a one-line reason 
 from __future__ import annotations
 
 import asyncio
+import shlex
+import shutil
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -64,6 +66,63 @@ def _settings(*, logs_to_stderr: bool = False) -> Settings:
         secrets=settings.secret_values(),
     )
     return settings
+
+
+def _data_dir_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=embedded.DEFAULT_DATA_DIR,
+        show_default=True,
+        help=help_text,
+    )
+
+
+#: the --data-dir of every command that talks to the database
+_dev_data_dir = _data_dir_option(
+    "The embedded database of `dev` to use when no database is configured."
+)
+
+
+def _settings_with_database(data_dir: Path) -> Settings:
+    """Settings for a command that talks to the database: as configured, or, when no database
+    is configured at all, the embedded one that ``dev`` made in ``data_dir`` (joined for the
+    command's length), with one line on stderr saying which database that is."""
+    settings = _settings(logs_to_stderr=True)
+    if not embedded.no_database_configured(settings):
+        return settings
+    if not embedded.existing(data_dir):
+        raise CommandFailed(
+            "no database configured (DATABASE_URL, or SUPABASE_URL and "
+            f"SUPABASE_SERVICE_ROLE_KEY) and no embedded database of `dev` in {data_dir}: "
+            "set one, or start `image-listener dev` first"
+        )
+    try:
+        server, conninfo = embedded.start(data_dir)
+    except ImageListenerError as exc:
+        raise CommandFailed(first_line(exc)) from exc
+    click.get_current_context().with_resource(server)  # left when the command ends
+    click.echo(
+        f"image-listener: using the embedded database of `dev` in {data_dir} (no DATABASE_URL set)",
+        err=True,
+    )
+    return settings.model_copy(update={"database_url": conninfo})
+
+
+def _this_command() -> str:
+    """How to run this CLI again from this directory, as a user would paste it: the bare name
+    when the PATH finds this very installation, else the path of its script (relative when it
+    lies below here), else ``python -m listener``."""
+    script = Path(sys.executable).parent / "image-listener"
+    found = shutil.which("image-listener")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "image-listener"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m listener"
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
 
 
 def _openai_generator(settings: Settings) -> ImageGenerator:
@@ -130,11 +189,12 @@ def main() -> None:
 
 
 @cli.command()
-def migrate() -> None:
+@_dev_data_dir
+def migrate(data_dir: Path) -> None:
     """Apply migrations/ to DATABASE_URL (idempotent; records what was applied)."""
     from listener.migrate import apply_migrations
 
-    settings = _settings(logs_to_stderr=True)
+    settings = _settings_with_database(data_dir)
     try:
         applied = apply_migrations(settings.require_database_url())
     except ImageListenerError as exc:
@@ -159,13 +219,7 @@ def run(drain: bool, offline: bool) -> None:
 
 @cli.command()
 @click.option("--offline", is_flag=True, help="No OpenAI key needed: draw labelled placeholders.")
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=embedded.DEFAULT_DATA_DIR,
-    show_default=True,
-    help="Where the embedded PostgreSQL keeps its data.",
-)
+@_data_dir_option("Where the embedded PostgreSQL keeps its data.")
 def dev(offline: bool, data_dir: Path) -> None:
     """Start an embedded PostgreSQL, migrate it, and run the listener on it."""
     from listener.migrate import apply_migrations
@@ -184,7 +238,10 @@ def dev(offline: bool, data_dir: Path) -> None:
         raise CommandFailed(first_line(exc)) from exc
     click.echo(f"embedded PostgreSQL: {conninfo}")
     click.echo(f"migrations applied now: {len(applied)}; images go to {settings.image_dir}")
-    click.echo('try it from another terminal: image-listener ask "a lighthouse at dawn"')
+    ask_again = [_this_command(), "ask", shlex.quote("a lighthouse at dawn")]
+    if data_dir != embedded.DEFAULT_DATA_DIR:
+        ask_again += ["--data-dir", shlex.quote(str(data_dir))]
+    click.echo(f"try it from another terminal here: {' '.join(ask_again)}")
     sys.stdout.flush()
     dev_settings = settings.model_copy(update={"database_url": conninfo})
     try:
@@ -195,11 +252,12 @@ def dev(offline: bool, data_dir: Path) -> None:
 
 @cli.command()
 @click.option("--offline", is_flag=True, help="Skip the OpenAI check.")
-def doctor(offline: bool) -> None:
+@_dev_data_dir
+def doctor(offline: bool, data_dir: Path) -> None:
     """Check each configured dependency and print one line for each."""
     from listener.commands.doctor import run_checks
 
-    settings = _settings(logs_to_stderr=True)
+    settings = _settings_with_database(data_dir)
     try:
         results = run_loop(run_checks(settings, offline=offline))
     except ImageListenerError as exc:
@@ -211,10 +269,10 @@ def doctor(offline: bool) -> None:
         raise CommandFailed(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}")
 
 
-def _admin(action: Callable[[QueueCalls], Awaitable[T]]) -> T:
+def _admin(action: Callable[[QueueCalls], Awaitable[T]], data_dir: Path) -> T:
     from listener.commands import admin
 
-    settings = _settings(logs_to_stderr=True)
+    settings = _settings_with_database(data_dir)
     try:
         return run_loop(admin.run(settings, action))
     except ImageListenerError as exc:
@@ -224,11 +282,12 @@ def _admin(action: Callable[[QueueCalls], Awaitable[T]]) -> T:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
 @click.option("--failures", default=10, show_default=True, help="Recent failures to list.")
-def status(as_json: bool, failures: int) -> None:
+@_dev_data_dir
+def status(as_json: bool, failures: int, data_dir: Path) -> None:
     """Queue depth by state, oldest request, leases by worker, recent failures."""
     from listener.commands import admin
 
-    snapshot = _admin(lambda queue: queue.status(failures))
+    snapshot = _admin(lambda queue: queue.status(failures), data_dir)
     click.echo(admin.as_json(snapshot) if as_json else admin.render_status(snapshot))
 
 
@@ -239,7 +298,8 @@ def status(as_json: bool, failures: int) -> None:
     metavar="WHEN",
     help="Retry every request that failed since WHEN (ISO time, or 30m / 2h / 1d ago).",
 )
-def retry(request_id: UUID | None, failed_since: str | None) -> None:
+@_dev_data_dir
+def retry(request_id: UUID | None, failed_since: str | None, data_dir: Path) -> None:
     """Give a failed request a new attempt (its one reply row goes back to 'generating')."""
     from listener.commands import admin
 
@@ -250,11 +310,11 @@ def retry(request_id: UUID | None, failed_since: str | None) -> None:
             since = admin.parse_since(failed_since)
         except ImageListenerError as exc:
             raise CommandFailed(first_line(exc)) from exc
-        count = _admin(lambda queue: queue.retry_failed(since))
+        count = _admin(lambda queue: queue.retry_failed(since), data_dir)
         click.echo(f"retried {count} failed request(s) since {since.isoformat()}")
         return
     assert request_id is not None
-    result = _admin(lambda queue: queue.retry(request_id))
+    result = _admin(lambda queue: queue.retry(request_id), data_dir)
     if result != "retried":
         reasons = {
             "not_found": "no such image request",
@@ -268,9 +328,10 @@ def retry(request_id: UUID | None, failed_since: str | None) -> None:
 @cli.command()
 @click.argument("request_id", type=click.UUID)
 @click.option("--reason", help="Shown to the user as the reply's error.")
-def cancel(request_id: UUID, reason: str | None) -> None:
+@_dev_data_dir
+def cancel(request_id: UUID, reason: str | None, data_dir: Path) -> None:
     """Stop a queued or running request; its reply ends 'failed' with the reason."""
-    result = _admin(lambda queue: queue.cancel(request_id, reason))
+    result = _admin(lambda queue: queue.cancel(request_id, reason), data_dir)
     if result != "cancelled":
         reasons = {"not_found": "no such request", "not_queued": "it is not queued or running"}
         raise CommandFailed(f"request {request_id} not cancelled: {reasons.get(result, result)}")
@@ -278,9 +339,10 @@ def cancel(request_id: UUID, reason: str | None) -> None:
 
 
 @cli.command("requeue-stuck")
-def requeue_stuck() -> None:
+@_dev_data_dir
+def requeue_stuck(data_dir: Path) -> None:
     """Put every job whose lease has expired back in the queue now."""
-    count = _admin(lambda queue: queue.requeue_stuck())
+    count = _admin(lambda queue: queue.requeue_stuck(), data_dir)
     click.echo(f"requeued {count} job(s) with an expired lease")
 
 
@@ -303,13 +365,7 @@ def requeue_stuck() -> None:
     show_default=True,
     help="Seconds to wait for the final reply.",
 )
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=embedded.DEFAULT_DATA_DIR,
-    show_default=True,
-    help="The embedded database to use when DATABASE_URL is not set.",
-)
+@_dev_data_dir
 def ask(
     prompt: str,
     size: str | None,
@@ -323,17 +379,11 @@ def ask(
     """Insert an image request as a frontend would, wait for the reply, print it."""
     from listener.commands import ask as asking
 
-    settings = _settings(logs_to_stderr=True)
-    handle = None
-    if settings.database_url is not None:
-        conninfo = settings.database_url
-    elif embedded.existing(data_dir):
-        handle, conninfo = embedded.start(data_dir)
-    else:
-        raise CommandFailed(
-            f"DATABASE_URL is not set and there is no embedded database in {data_dir}: "
-            "start `image-listener dev` first"
-        )
+    settings = _settings_with_database(data_dir)
+    try:
+        conninfo = settings.require_database_url()
+    except ImageListenerError as exc:
+        raise CommandFailed(f"{first_line(exc)} (ask inserts over SQL)") from exc
     options = {
         key: value
         for key, value in (
@@ -350,8 +400,6 @@ def ask(
         reply = asking.wait_for_reply(conninfo, request_id, timeout)
     except ImageListenerError as exc:
         raise CommandFailed(first_line(exc)) from exc
-    finally:
-        del handle
     if reply is None:
         raise CommandFailed(
             f"no final reply to request {request_id} within {timeout:g}s: is a listener running?"

@@ -1,7 +1,8 @@
 """The embedded default database: a PostgreSQL started through ``pgserver`` in a local folder.
 
-``dev`` starts (or reuses) it; ``ask`` finds it there when DATABASE_URL is not set. The server
-is stopped when the last process using it exits.
+``dev`` starts (or reuses) it; every command that talks to the database (``ask``, ``status``,
+``retry``, ``cancel``, ``requeue-stuck``, ``doctor``, ``migrate``) finds it there when no
+database is configured at all. The server is stopped when the last process using it exits.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import OperatorError
+from listener.settings import Settings
 
 DEFAULT_DATA_DIR = Path(".image-listener")
 
@@ -41,3 +43,13 @@ def start(data_dir: Path) -> tuple[Any, str]:
 def existing(data_dir: Path) -> bool:
     """Whether ``dev`` has created an embedded database here."""
     return (pg_data_dir(data_dir) / "PG_VERSION").exists()
+
+
+def no_database_configured(settings: Settings) -> bool:
+    """Neither DATABASE_URL nor any Supabase setting: the case where commands fall back to the
+    embedded database of ``dev`` (a half-set Supabase pair is an error elsewhere, not this)."""
+    return (
+        settings.database_url is None
+        and settings.supabase_url is None
+        and settings.supabase_service_role_key is None
+    )

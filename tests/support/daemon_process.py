@@ -42,7 +42,7 @@ def listener_env(
 
 
 def cli(
-    *args: str, env: Mapping[str, str], timeout: float = 60
+    *args: str, env: Mapping[str, str], timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run one CLI command to completion."""
     return subprocess.run(
@@ -52,6 +52,7 @@ def cli(
         text=True,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )
 
 

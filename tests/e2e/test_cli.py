@@ -228,58 +228,6 @@ def test_sigint_stops_the_daemon_cleanly(env: dict[str, str], daemons: list[Daem
     assert '"shutdown_requested"' in daemon.output()
 
 
-def test_dev_offline_serves_ask_with_a_labelled_placeholder(tmp_path: Path) -> None:
-    """The newcomer path: `dev --offline` on an embedded PostgreSQL, then `ask` against it."""
-    import subprocess
-    import sys
-
-    from core.png import read_png_text
-
-    env = listener_env("", "", tmp_path / "images")
-    for key in ("DATABASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
-        env.pop(key)
-    data_dir = tmp_path / "d"
-    no_key = cli("dev", "--data-dir", str(data_dir), env=env)
-    assert no_key.returncode == 1
-    assert "OPENAI_API_KEY" in no_key.stderr
-    assert "--offline" in no_key.stderr
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "listener",
-            "dev",
-            "--offline",
-            "--data-dir",
-            str(data_dir),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if '"listening"' in line:
-                break
-        result = cli("ask", "a quiet harbour", "--data-dir", str(data_dir), env=env)
-        assert result.returncode == 0, result.stderr
-        status, url = result.stdout.strip().split(" ", 1)
-        assert status == "complete"
-        png = Path(url.removeprefix("file://")).read_bytes()
-        assert read_png_size(png) == (1024, 1024)
-        assert "offline placeholder" in read_png_text(png)["Description"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def test_lease_is_renewed_while_generating_and_while_draining(
     env: dict[str, str], daemons: list[Daemon], db: Conn, fake_openai: FakeOpenAI
 ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from core.png import read_png_size, read_png_text
 from tests.support.daemon_process import cli
 
 pytestmark = pytest.mark.e2e
@@ -95,6 +96,16 @@ def test_dev_suggests_an_ask_command_that_works_as_printed(dev: DevSession) -> N
     )
     assert result.returncode == 0, (dev.hint, result.stderr)
     assert result.stdout.startswith("complete file://"), result.stdout
+    png = Path(result.stdout.split(" ", 1)[1].strip().removeprefix("file://")).read_bytes()
+    assert read_png_size(png) == (1024, 1024)
+    assert "offline placeholder" in read_png_text(png)["Description"]
+
+
+def test_dev_without_a_key_says_how_to_run_offline(tmp_path: Path) -> None:
+    refused = cli("dev", "--data-dir", str(tmp_path / "d"), env=fresh_terminal_env())
+    assert refused.returncode == 1
+    assert "OPENAI_API_KEY" in refused.stderr
+    assert "--offline" in refused.stderr
 
 
 @pytest.mark.parametrize(

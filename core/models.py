@@ -70,6 +70,9 @@ class TokenUsage:
     input_tokens: int | None = None
     output_tokens: int | None = None
     total_tokens: int | None = None
+    #: the input split the provider reports (``input_tokens_details``); priced differently
+    input_text_tokens: int | None = None
+    input_image_tokens: int | None = None
 
 
 @dataclass(frozen=True)

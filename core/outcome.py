@@ -15,13 +15,16 @@ def completion_metadata(
     attempt: int,
     duration_seconds: float,
 ) -> dict[str, Any]:
-    """The reply's ``metadata`` on success: enough to audit cost and to re-sign or find the file."""
+    """The reply's ``metadata`` on success: enough to audit cost and to re-sign or find the file.
+    (The completion adds ``cost_usd``, priced in the database from ``usage``.)"""
     usage = {
         key: value
         for key, value in (
             ("input_tokens", image.usage.input_tokens),
             ("output_tokens", image.usage.output_tokens),
             ("total_tokens", image.usage.total_tokens),
+            ("input_text_tokens", image.usage.input_text_tokens),
+            ("input_image_tokens", image.usage.input_image_tokens),
         )
         if value is not None
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -72,6 +73,15 @@ class WakeupSource(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Completion:
+    """What ``complete`` did, and what the image cost by the database's prices (None for a
+    model without a price, and when the write did not land)."""
+
+    write: WriteResult
+    cost_usd: float | None = None
+
+
 class JobStore(Protocol):
     """The queue's SQL functions. Every write presents (worker, attempt) as its fencing token."""
 
@@ -94,8 +104,8 @@ class JobStore(Protocol):
 
     async def complete(
         self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
-    ) -> WriteResult:
-        """Mark the reply complete with its image."""
+    ) -> Completion:
+        """Mark the reply complete with its image (priced by the database)."""
         ...
 
     async def fail(

@@ -35,15 +35,6 @@ Mode = Literal["postgres", "supabase", "hybrid"]
 #: how the worker learns of new requests: the mode's push channel, or polling only
 Wakeup = Literal["notify", "poll"]
 
-#: USD per million tokens, by model: input text, input image, output image. Editable through
-#: IMAGE_LISTENER_PRICES; unknown models are counted in tokens with no cost.
-DEFAULT_PRICES: dict[str, dict[str, float]] = {
-    "gpt-image-2.6-flare": {"input_text": 5.0, "input_image": 8.0, "output_image": 30.0},
-    "gpt-image-2.6-sunburst": {"input_text": 5.0, "input_image": 8.0, "output_image": 30.0},
-    "gpt-image-1.5": {"input_text": 5.0, "input_image": 8.0, "output_image": 32.0},
-    "gpt-image-1-mini": {"input_text": 2.0, "input_image": 2.5, "output_image": 8.0},
-}
-
 _SIZE = re.compile(r"(auto|[1-9][0-9]*x[1-9][0-9]*)")
 # A key with a space or control character would end up in an HTTP header, where httpx rejects it
 # with an error that may quote the header; refuse it here instead, without echoing it.
@@ -238,11 +229,6 @@ class Settings(BaseSettings):
         validation_alias=_env("HTTP_HOST"),
         description="Address the health and metrics server binds to",
     )
-    prices: dict[str, dict[str, float]] = Field(
-        default_factory=lambda: dict(DEFAULT_PRICES),
-        validation_alias=_env("PRICES"),
-        description="JSON: model -> USD per 1M tokens (input_text, input_image, output_image)",
-    )
 
     @classmethod
     def settings_customise_sources(
@@ -255,18 +241,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Only explicit values: the environment is read by :func:`load_settings`, no .env file."""
         return (init_settings,)
-
-    @field_validator("prices", mode="before")
-    @classmethod
-    def _parse_prices(cls, value: object) -> object:
-        if isinstance(value, str):
-            import json
-
-            try:
-                return json.loads(value)
-            except ValueError as exc:
-                raise ValueError("must be a JSON object of model -> prices") from exc
-        return value
 
     @field_validator("log_format", "log_level", "wakeup", mode="before")
     @classmethod
@@ -479,12 +453,29 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(_problems(exc, given)) from None
 
 
+#: settings that are no longer read, and where their job went
+RETIRED_VARIABLES = {
+    "IMAGE_LISTENER_PRICES": "prices live in the database since December 2026 (seeded with the "
+    "old defaults): `image-listener prices show`, `image-listener prices set`",
+}
+
+
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """``IMAGE_LISTENER_*`` variables that match no setting: most likely typos worth a warning."""
     source = os.environ if environ is None else environ
     return sorted(
-        name for name in source if name.startswith(ENV_PREFIX) and name not in _FIELDS_BY_VARIABLE
+        name
+        for name in source
+        if name.startswith(ENV_PREFIX)
+        and name not in _FIELDS_BY_VARIABLE
+        and name not in RETIRED_VARIABLES
     )
+
+
+def retired_variables(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Retired settings still set, each with where its job went."""
+    source = os.environ if environ is None else environ
+    return {name: why for name, why in RETIRED_VARIABLES.items() if source.get(name)}
 
 
 def _default_label(field: FieldInfo) -> str:

@@ -29,8 +29,11 @@ async def run(settings: Settings, action: Callable[[QueueCalls], Awaitable[T]]) 
         return await action(queue)
 
 
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
-    """``2026-11-27T08:00:00Z`` or a duration back from now (``90m``, ``2h``, ``1d``)."""
+def parse_since(
+    text: str, *, option: str = "--failed-since", now: datetime | None = None
+) -> datetime:
+    """``2026-11-27T08:00:00Z`` or a duration back from now (``90m``, ``2h``, ``1d``); errors
+    name ``option``."""
     now = now or datetime.now(UTC)
     match = _DURATION.fullmatch(text.strip())
     if match:
@@ -39,7 +42,7 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
         parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError as exc:
         raise OperatorError(
-            f"--failed-since {text!r}: give an ISO time or a duration like 30m, 2h, 1d"
+            f"{option} {text!r}: give an ISO time or a duration like 30m, 2h, 1d"
         ) from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 

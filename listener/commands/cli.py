@@ -10,6 +10,9 @@
 ``retry``          a failed request, or all failed since a time, get a new attempt
 ``cancel``         stop a queued or running request
 ``requeue-stuck``  jobs with an expired lease go back to the queue now
+``quota``          per-user limits: ``set``, ``show``, ``remove`` (:mod:`.limits`)
+``usage``          images, tokens and USD by user, or one user's by day
+``prices``         USD per 1M tokens by model: ``set``, ``show``
 =================  ================================================================
 
 Every command exits 0 on success and non-zero on failure with a one-line reason on stderr
@@ -18,13 +21,10 @@ Every command exits 0 on success and non-zero on failure with a one-line reason 
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 import shutil
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import click
@@ -32,81 +32,17 @@ import click
 from core.errors import ImageListenerError, first_line
 from core.ports import ImageGenerator
 from listener.commands import embedded
-from listener.ops.logging import configure_logging
-from listener.settings import Settings, load_settings
-
-if TYPE_CHECKING:
-    from listener.queue.calls import QueueCalls
-
-F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
-
-
-class CommandFailed(click.ClickException):
-    """A one-line failure: ``image-listener: error: <reason>`` and exit status 1."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"image-listener: error: {self.format_message()}", err=True)
-
-
-def _settings(*, logs_to_stderr: bool = False) -> Settings:
-    """Settings from the environment, and logging configured once.
-
-    One-shot commands (migrate, doctor, ask) log to stderr so that their stdout is only their
-    answer; the daemon logs to stdout, as a service's log stream.
-    """
-    try:
-        settings = load_settings()
-    except ImageListenerError as exc:
-        raise CommandFailed(str(exc)) from exc
-    configure_logging(
-        settings.log_format,
-        settings.log_level,
-        stream=sys.stderr if logs_to_stderr else None,
-        secrets=settings.secret_values(),
-    )
-    return settings
-
-
-def _data_dir_option(help_text: str) -> Callable[[F], F]:
-    return click.option(
-        "--data-dir",
-        type=click.Path(path_type=Path, file_okay=False),
-        default=embedded.DEFAULT_DATA_DIR,
-        show_default=True,
-        help=help_text,
-    )
-
-
-#: the --data-dir of every command that talks to the database
-_dev_data_dir = _data_dir_option(
-    "The embedded database of `dev` to use when no database is configured."
+from listener.commands.common import (
+    CommandFailed,
+    admin_call,
+    command_settings,
+    data_dir_option,
+    dev_data_dir,
+    run_loop,
+    settings_with_database,
 )
-
-
-def _settings_with_database(data_dir: Path) -> Settings:
-    """Settings for a command that talks to the database: as configured, or, when no database
-    is configured at all, the embedded one that ``dev`` made in ``data_dir`` (joined for the
-    command's length), with one line on stderr saying which database that is."""
-    settings = _settings(logs_to_stderr=True)
-    if not embedded.no_database_configured(settings):
-        return settings
-    if not embedded.existing(data_dir):
-        raise CommandFailed(
-            "no database configured (DATABASE_URL, or SUPABASE_URL and "
-            f"SUPABASE_SERVICE_ROLE_KEY) and no embedded database of `dev` in {data_dir}: "
-            "set one, or start `image-listener dev` first"
-        )
-    try:
-        server, conninfo = embedded.start(data_dir)
-    except ImageListenerError as exc:
-        raise CommandFailed(first_line(exc)) from exc
-    click.get_current_context().with_resource(server)  # left when the command ends
-    click.echo(
-        f"image-listener: using the embedded database of `dev` in {data_dir} (no DATABASE_URL set)",
-        err=True,
-    )
-    return settings.model_copy(update={"database_url": conninfo})
+from listener.commands.limits import prices, quota, usage
+from listener.settings import Settings
 
 
 def _this_command() -> str:
@@ -140,16 +76,6 @@ def _offline_generator() -> ImageGenerator:
     from listener.generators.offline import OfflineImageGenerator
 
     return OfflineImageGenerator()
-
-
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on uvloop where it is installed (not on Windows): its loop and transports
-    in C cut the daemon's CPU per request; the behaviour is asyncio's either way."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def _run(settings: Settings, generator: ImageGenerator, *, drain: bool) -> None:
@@ -189,12 +115,12 @@ def main() -> None:
 
 
 @cli.command()
-@_dev_data_dir
+@dev_data_dir
 def migrate(data_dir: Path) -> None:
     """Apply migrations/ to DATABASE_URL (idempotent; records what was applied)."""
     from listener.migrate import apply_migrations
 
-    settings = _settings_with_database(data_dir)
+    settings = settings_with_database(data_dir)
     try:
         applied = apply_migrations(settings.require_database_url())
     except ImageListenerError as exc:
@@ -209,7 +135,7 @@ def migrate(data_dir: Path) -> None:
 @click.option("--offline", is_flag=True, help="Use the offline placeholder generator, not OpenAI.")
 def run(drain: bool, offline: bool) -> None:
     """Run the daemon against DATABASE_URL until SIGTERM/SIGINT."""
-    settings = _settings()
+    settings = command_settings()
     try:
         generator = _offline_generator() if offline else _openai_generator(settings)
     except ImageListenerError as exc:
@@ -219,12 +145,12 @@ def run(drain: bool, offline: bool) -> None:
 
 @cli.command()
 @click.option("--offline", is_flag=True, help="No OpenAI key needed: draw labelled placeholders.")
-@_data_dir_option("Where the embedded PostgreSQL keeps its data.")
+@data_dir_option("Where the embedded PostgreSQL keeps its data.")
 def dev(offline: bool, data_dir: Path) -> None:
     """Start an embedded PostgreSQL, migrate it, and run the listener on it."""
     from listener.migrate import apply_migrations
 
-    settings = _settings()
+    settings = command_settings()
     if not offline and settings.openai_api_key is None:
         raise CommandFailed(
             "OPENAI_API_KEY is not set: set it to generate real images, "
@@ -252,12 +178,12 @@ def dev(offline: bool, data_dir: Path) -> None:
 
 @cli.command()
 @click.option("--offline", is_flag=True, help="Skip the OpenAI check.")
-@_dev_data_dir
+@dev_data_dir
 def doctor(offline: bool, data_dir: Path) -> None:
     """Check each configured dependency and print one line for each."""
     from listener.commands.doctor import run_checks
 
-    settings = _settings_with_database(data_dir)
+    settings = settings_with_database(data_dir)
     try:
         results = run_loop(run_checks(settings, offline=offline))
     except ImageListenerError as exc:
@@ -269,25 +195,15 @@ def doctor(offline: bool, data_dir: Path) -> None:
         raise CommandFailed(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}")
 
 
-def _admin(action: Callable[[QueueCalls], Awaitable[T]], data_dir: Path) -> T:
-    from listener.commands import admin
-
-    settings = _settings_with_database(data_dir)
-    try:
-        return run_loop(admin.run(settings, action))
-    except ImageListenerError as exc:
-        raise CommandFailed(first_line(exc)) from exc
-
-
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON.")
 @click.option("--failures", default=10, show_default=True, help="Recent failures to list.")
-@_dev_data_dir
+@dev_data_dir
 def status(as_json: bool, failures: int, data_dir: Path) -> None:
     """Queue depth by state, oldest request, leases by worker, recent failures."""
     from listener.commands import admin
 
-    snapshot = _admin(lambda queue: queue.status(failures), data_dir)
+    snapshot = admin_call(lambda queue: queue.status(failures), data_dir)
     click.echo(admin.as_json(snapshot) if as_json else admin.render_status(snapshot))
 
 
@@ -298,7 +214,7 @@ def status(as_json: bool, failures: int, data_dir: Path) -> None:
     metavar="WHEN",
     help="Retry every request that failed since WHEN (ISO time, or 30m / 2h / 1d ago).",
 )
-@_dev_data_dir
+@dev_data_dir
 def retry(request_id: UUID | None, failed_since: str | None, data_dir: Path) -> None:
     """Give a failed request a new attempt (its one reply row goes back to 'generating')."""
     from listener.commands import admin
@@ -310,11 +226,11 @@ def retry(request_id: UUID | None, failed_since: str | None, data_dir: Path) -> 
             since = admin.parse_since(failed_since)
         except ImageListenerError as exc:
             raise CommandFailed(first_line(exc)) from exc
-        count = _admin(lambda queue: queue.retry_failed(since), data_dir)
+        count = admin_call(lambda queue: queue.retry_failed(since), data_dir)
         click.echo(f"retried {count} failed request(s) since {since.isoformat()}")
         return
     assert request_id is not None
-    result = _admin(lambda queue: queue.retry(request_id), data_dir)
+    result = admin_call(lambda queue: queue.retry(request_id), data_dir)
     if result != "retried":
         reasons = {
             "not_found": "no such image request",
@@ -328,10 +244,10 @@ def retry(request_id: UUID | None, failed_since: str | None, data_dir: Path) -> 
 @cli.command()
 @click.argument("request_id", type=click.UUID)
 @click.option("--reason", help="Shown to the user as the reply's error.")
-@_dev_data_dir
+@dev_data_dir
 def cancel(request_id: UUID, reason: str | None, data_dir: Path) -> None:
     """Stop a queued or running request; its reply ends 'failed' with the reason."""
-    result = _admin(lambda queue: queue.cancel(request_id, reason), data_dir)
+    result = admin_call(lambda queue: queue.cancel(request_id, reason), data_dir)
     if result != "cancelled":
         reasons = {"not_found": "no such request", "not_queued": "it is not queued or running"}
         raise CommandFailed(f"request {request_id} not cancelled: {reasons.get(result, result)}")
@@ -339,10 +255,10 @@ def cancel(request_id: UUID, reason: str | None, data_dir: Path) -> None:
 
 
 @cli.command("requeue-stuck")
-@_dev_data_dir
+@dev_data_dir
 def requeue_stuck(data_dir: Path) -> None:
     """Put every job whose lease has expired back in the queue now."""
-    count = _admin(lambda queue: queue.requeue_stuck(), data_dir)
+    count = admin_call(lambda queue: queue.requeue_stuck(), data_dir)
     click.echo(f"requeued {count} job(s) with an expired lease")
 
 
@@ -365,7 +281,7 @@ def requeue_stuck(data_dir: Path) -> None:
     show_default=True,
     help="Seconds to wait for the final reply.",
 )
-@_dev_data_dir
+@dev_data_dir
 def ask(
     prompt: str,
     size: str | None,
@@ -379,7 +295,7 @@ def ask(
     """Insert an image request as a frontend would, wait for the reply, print it."""
     from listener.commands import ask as asking
 
-    settings = _settings_with_database(data_dir)
+    settings = settings_with_database(data_dir)
     try:
         conninfo = settings.require_database_url()
     except ImageListenerError as exc:
@@ -409,6 +325,10 @@ def ask(
         return
     raise CommandFailed(f"request {request_id} failed: {reply.error}")
 
+
+cli.add_command(quota)
+cli.add_command(usage)
+cli.add_command(prices)
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,11 @@ CHECK_TIMEOUT_SECONDS = 15.0
 Check = Callable[[], Awaitable[str]]
 
 
+class Warn(str):
+    """The detail of a check that passed with something the operator should act on: printed
+    as ``warn``, and the exit status stays 0."""
+
+
 @dataclass(frozen=True)
 class CheckResult:
     """One line of the report."""
@@ -34,9 +39,11 @@ class CheckResult:
     name: str
     ok: bool
     detail: str
+    warning: bool = False
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name:<9} {self.detail}"
+        label = "FAIL" if not self.ok else "warn" if self.warning else "ok  "
+        return f"{label}  {self.name:<9} {self.detail}"
 
 
 async def run_checks(settings: Settings, *, offline: bool) -> list[CheckResult]:
@@ -45,8 +52,8 @@ async def run_checks(settings: Settings, *, offline: bool) -> list[CheckResult]:
 
 
 def planned_checks(settings: Settings, *, offline: bool) -> list[tuple[str, Check]]:
-    """One check per part of the mode's plan: the queue, the wake-ups, the image store, and
-    OpenAI (unless ``offline``)."""
+    """One check per part of the mode's plan: the queue, the wake-ups, the image store, the
+    limits and the price of the model (in the database), and OpenAI (unless ``offline``)."""
     plan = plan_for(settings)
     checks: list[tuple[str, Check]] = []
     if plan.queue is QueueKind.SQL:
@@ -66,6 +73,8 @@ def planned_checks(settings: Settings, *, offline: bool) -> list[tuple[str, Chec
         checks.append(("storage", lambda: _check_bucket(settings)))
     else:
         checks.append(("storage", lambda: _check_directory(settings.image_dir)))
+    checks.append(("limits", lambda: _check_limits(settings)))
+    checks.append(("prices", lambda: _check_price(settings)))
     if not offline:
         checks.append(("openai", lambda: _check_openai(settings)))
     return checks
@@ -74,7 +83,8 @@ def planned_checks(settings: Settings, *, offline: bool) -> list[tuple[str, Chec
 async def _run(name: str, check: Callable[[], Awaitable[str]]) -> CheckResult:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
-            return CheckResult(name, True, await check())
+            detail = await check()
+            return CheckResult(name, True, detail, warning=isinstance(detail, Warn))
     except TimeoutError:
         return CheckResult(name, False, f"no answer within {CHECK_TIMEOUT_SECONDS:g}s")
     except ImageListenerError as exc:
@@ -122,6 +132,36 @@ async def _check_postgrest(settings: Settings) -> str:
     async with command_queue(settings, call_timeout=CHECK_TIMEOUT_SECONDS) as queue:
         await queue.next_due()
     return "reachable; queue functions present and executable with this key"
+
+
+async def _check_limits(settings: Settings) -> str:
+    async with command_queue(settings, call_timeout=CHECK_TIMEOUT_SECONDS) as queue:
+        shown = await queue.quota_show()
+    if not shown.get("any_limit"):
+        return Warn(
+            "no limit is set: any signed-in user can generate (and spend) without bound; "
+            "see `image-listener quota set --default`"
+        )
+    default = shown.get("default") or {}
+    parts = [f"{key} {value}" for key, value in default.items() if value is not None]
+    return "default: " + (", ".join(parts) if parts else "none (per-user overrides only)")
+
+
+async def _check_price(settings: Settings) -> str:
+    async with command_queue(settings, call_timeout=CHECK_TIMEOUT_SECONDS) as queue:
+        rows = await queue.prices()
+    price = next((row for row in rows if row.get("model") == settings.model), None)
+    if price is None:
+        return Warn(
+            f"no price for {settings.model}: its images get cost_usd null and do not count "
+            f"against usd_per_month; `image-listener prices set {settings.model} ...`"
+        )
+    return (
+        f"{settings.model}: USD {float(price['input_text_usd_per_1m']):g} / "
+        f"{float(price['input_image_usd_per_1m']):g} / "
+        f"{float(price['output_image_usd_per_1m']):g} per 1M input text / input image / "
+        "output image tokens"
+    )
 
 
 async def _check_realtime(settings: Settings) -> str:

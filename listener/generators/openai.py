@@ -187,6 +187,8 @@ def decode_images_response(
     output_format = reported if isinstance(reported, str) and reported in IMAGE_FORMATS else None
     usage = payload.get("usage")
     usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("input_tokens_details")
+    details = details if isinstance(details, dict) else {}
     return GeneratedImage(
         data=image,
         output_format=output_format or requested_format,
@@ -194,6 +196,8 @@ def decode_images_response(
             input_tokens=_count(usage.get("input_tokens")),
             output_tokens=_count(usage.get("output_tokens")),
             total_tokens=_count(usage.get("total_tokens")),
+            input_text_tokens=_count(details.get("text_tokens")),
+            input_image_tokens=_count(details.get("image_tokens")),
         ),
         provider_request_id=request_id,
     )

@@ -13,11 +13,14 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from core.models import ClaimedJob, TokenUsage
+
+log = structlog.get_logger("listener.metrics")
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 240, 600)
 _LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -26,9 +29,9 @@ _LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 class Metrics:
     """Everything /metrics shows; ``observe_*`` methods are what the daemon calls."""
 
-    def __init__(self, prices: Mapping[str, Mapping[str, float]]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._prices = prices
+        self._unpriced_models: set[str] = set()
         r = self.registry
         self.claimed = Counter(
             "image_listener_requests_claimed", "Requests claimed (attempts started)", registry=r
@@ -77,7 +80,7 @@ class Metrics:
         )
         self.cost = Counter(
             "image_listener_cost_usd",
-            "Estimated provider cost from tokens and IMAGE_LISTENER_PRICES",
+            "Provider cost of complete images, as the database priced them (metadata.cost_usd)",
             ["model"],
             registry=r,
         )
@@ -101,8 +104,10 @@ class Metrics:
         duration_seconds: float,
         model: str,
         usage: TokenUsage | None,
+        cost_usd: float | None = None,
     ) -> None:
-        """One finished attempt (called by the processor)."""
+        """One finished attempt (called by the processor); ``cost_usd`` is the database's price
+        of a complete image, the number its reply shows."""
         self.finished.labels(outcome=outcome).inc()
         self.generation_seconds.observe(duration_seconds)
         if error_code is not None:
@@ -111,20 +116,20 @@ class Metrics:
             waited = (datetime.now(UTC) - job.requested_at).total_seconds()
             self.end_to_end_seconds.observe(max(0.0, waited))
         if usage is not None:
-            self._count_tokens(model, usage)
-
-    def _count_tokens(self, model: str, usage: TokenUsage) -> None:
-        input_tokens, output_tokens = usage.input_tokens or 0, usage.output_tokens or 0
-        self.tokens.labels(model=model, kind="input").inc(input_tokens)
-        self.tokens.labels(model=model, kind="output").inc(output_tokens)
-        price = self._prices.get(model)
-        if price is not None:
-            # Text-to-image requests carry text only: input is priced as text.
-            cost = (
-                input_tokens * price.get("input_text", 0.0)
-                + output_tokens * price.get("output_image", 0.0)
-            ) / 1_000_000
-            self.cost.labels(model=model).inc(cost)
+            self.tokens.labels(model=model, kind="input").inc(usage.input_tokens or 0)
+            self.tokens.labels(model=model, kind="output").inc(usage.output_tokens or 0)
+        if outcome != "complete":
+            return
+        if cost_usd is not None:
+            self.cost.labels(model=model).inc(cost_usd)
+        elif model not in self._unpriced_models:
+            self._unpriced_models.add(model)
+            log.warning(
+                "model_without_price",
+                model=model,
+                advice="its images are not counted against usd_per_month limits: "
+                "`image-listener prices set` it",
+            )
 
     def observe_provider_retry(self, reason: str) -> None:
         self.provider_retries.labels(reason=reason).inc()

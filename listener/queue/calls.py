@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Protocol
 from uuid import UUID
 
 from core.errors import OperatorError
 from core.models import ClaimedJob, as_timestamp, as_uuid
-from core.ports import WriteResult
+from core.ports import Completion, WriteResult
 
 #: what the fenced writes return -> what the worker needs to know
 WRITE_RESULTS = {
@@ -111,9 +112,9 @@ class QueueCalls:
 
     async def complete(
         self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
-    ) -> WriteResult:
-        return await self._fenced_write(
-            "image_jobs_complete",
+    ) -> Completion:
+        rows = await self._transport.rows(
+            "image_jobs_complete_priced",
             {
                 "p_request_id": job.request_id,
                 "p_worker": worker,
@@ -121,6 +122,13 @@ class QueueCalls:
                 "p_image_url": image_url,
                 "p_metadata": metadata,
             },
+        )
+        if len(rows) != 1:
+            raise OperatorError(f"image_jobs_complete_priced answered {len(rows)} rows, not 1")
+        cost = rows[0].get("cost_usd")
+        return Completion(
+            write=_known_result("image_jobs_complete_priced", rows[0].get("result")),
+            cost_usd=None if cost is None else float(cost),
         )
 
     async def fail(
@@ -157,22 +165,16 @@ class QueueCalls:
         return None if due is None else as_timestamp(due)
 
     async def _fenced_write(self, function: str, arguments: Arguments) -> WriteResult:
-        result = await self._transport.value(function, arguments)
-        try:
-            return WRITE_RESULTS[str(result)]
-        except KeyError:
-            raise OperatorError(
-                f"{function} answered {str(result)[:40]!r}, not a known result"
-            ) from None
+        return _known_result(function, await self._transport.value(function, arguments))
 
     # -- the admin migration: a snapshot, and what operators may do ----------------------------
 
     async def status(self, failures: int = 0) -> dict[str, Any]:
         """The ``image_queue_status`` snapshot, with up to ``failures`` recent failures."""
-        snapshot = await self._transport.value("image_queue_status", {"p_failures": failures})
-        if not isinstance(snapshot, dict):
-            raise OperatorError("image_queue_status answered something that is not an object")
-        return snapshot
+        return _object(
+            "image_queue_status",
+            await self._transport.value("image_queue_status", {"p_failures": failures}),
+        )
 
     async def retry(self, request_id: UUID) -> str:
         """``retried``, or why not: ``not_found``, ``in_progress``, ``not_failed``."""
@@ -192,3 +194,73 @@ class QueueCalls:
     async def requeue_stuck(self) -> int:
         """Put every job with an expired lease back in the queue now; how many."""
         return int(await self._transport.value("image_jobs_requeue_stuck", {}))
+
+    # -- limits, usage and prices (the limits migration) ---------------------------------------
+
+    async def quota_set(
+        self, user: UUID | None, limits: Mapping[str, float | None]
+    ) -> dict[str, Any]:
+        """Change the default limits (``user`` None) or a user's override; a key set to None
+        means unlimited, a key left out keeps its value. The new state, as ``quota_show``."""
+        return _object(
+            "image_quota_set",
+            await self._transport.value("image_quota_set", {"p_user": user, "p_limits": limits}),
+        )
+
+    async def quota_remove(self, user: UUID) -> bool:
+        """Drop a user's override; whether there was one."""
+        return bool(await self._transport.value("image_quota_remove", {"p_user": user}))
+
+    async def quota_show(self, user: UUID | None = None) -> dict[str, Any]:
+        """The default limits, whether any limit is set, and for ``user`` their override and
+        quota (limits, what is used, when the next request is possible)."""
+        return _object(
+            "image_quota_show", await self._transport.value("image_quota_show", {"p_user": user})
+        )
+
+    async def usage(self, since: datetime, user: UUID | None = None) -> list[dict[str, Any]]:
+        """Images, tokens and USD of images completed since ``since``: by user, or for one user
+        by day (UTC)."""
+        rows = await self._transport.value("image_usage", {"p_since": since, "p_user": user})
+        if not isinstance(rows, list):
+            raise OperatorError("image_usage answered something that is not a list")
+        return rows
+
+    async def prices_set(
+        self, model: str, *, input_text: Decimal, input_image: Decimal, output_image: Decimal
+    ) -> dict[str, Any]:
+        """Set a model's USD per 1M tokens; the stored row."""
+        return _object(
+            "image_prices_set",
+            await self._transport.value(
+                "image_prices_set",
+                {
+                    "p_model": model,
+                    "p_input_text": input_text,
+                    "p_input_image": input_image,
+                    "p_output_image": output_image,
+                },
+            ),
+        )
+
+    async def prices(self) -> list[dict[str, Any]]:
+        """Every model's prices (USD per 1M tokens)."""
+        rows = await self._transport.value("image_prices", {})
+        if not isinstance(rows, list):
+            raise OperatorError("image_prices answered something that is not a list")
+        return rows
+
+
+def _known_result(function: str, result: object) -> WriteResult:
+    try:
+        return WRITE_RESULTS[str(result)]
+    except KeyError:
+        raise OperatorError(
+            f"{function} answered {str(result)[:40]!r}, not a known result"
+        ) from None
+
+
+def _object(function: str, answer: object) -> dict[str, Any]:
+    if not isinstance(answer, dict):
+        raise OperatorError(f"{function} answered something that is not an object")
+    return answer

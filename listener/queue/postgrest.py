@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -109,6 +110,8 @@ def _json_value(value: object) -> Any:
     """An argument as JSON: ids and times as text, mappings and lists element by element."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if isinstance(value, Decimal):
+        return float(value)
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Mapping):

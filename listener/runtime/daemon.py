@@ -79,7 +79,7 @@ async def _run_worker(
     drain: bool,
     stop: asyncio.Event,
 ) -> None:
-    metrics = Metrics(settings.prices)
+    metrics = Metrics()
     policy = RetryPolicy(tries_per_attempt=settings.tries_per_attempt)
     processor = JobProcessor(
         store=transports.queue,

@@ -40,6 +40,7 @@ class AttemptSummary:
     error_detail: str | None = None
     retry_in: float | None = None
     operator_error: bool = False
+    cost_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,9 @@ class JobProcessor:
         if usage is not None:
             fields["input_tokens"] = usage.input_tokens
             fields["output_tokens"] = usage.output_tokens
+        if summary.outcome == "complete":
+            # priced by the database; null for a model without a price (doctor says so too)
+            fields["cost_usd"] = summary.cost_usd
         if summary.error_code is not None:
             fields["error_code"] = summary.error_code
             fields["error_detail"] = summary.error_detail
@@ -130,6 +134,7 @@ class JobProcessor:
                 duration_seconds=duration,
                 model=self._config.model,
                 usage=usage,
+                cost_usd=summary.cost_usd,
             )
 
     async def _attempt(
@@ -167,9 +172,10 @@ class JobProcessor:
         # Stored: the bytes (1.5 MB for a large image) must not wait with us for a database
         # connection; with hundreds finishing together they would add up to gigabytes.
         del image
-        result = await self._write(
+        completion = await self._write(
             lambda: self._store.complete(job, config.worker_id, stored.url, metadata)
         )
+        result = completion.write
         if result is WriteResult.CANCELLED:
             # The request was deleted while we worked: leave nothing behind.
             await self._storage.remove(stored.location)
@@ -178,6 +184,7 @@ class JobProcessor:
             summary.outcome = "lease_lost"
         else:
             summary.outcome = "complete"
+            summary.cost_usd = completion.cost_usd
 
     async def _write(self, call: Callable[[], Awaitable[T]]) -> T:
         """A final write survives a database blip: retried for up to half a lease.

@@ -363,7 +363,7 @@ async def test_retries_server_errors_and_dropped_connections_with_backoff(
     """A 500 then a dropped connection are retried with 1 s, 2 s backoff; each retry is logged
     as ``provider_retry`` and counted in the metrics by its error code."""
     sleep = RecordingSleep()
-    metrics = Metrics({})
+    metrics = Metrics()
     wrapper = RetryingGenerator(generator, NO_JITTER, metrics=metrics, sleep=sleep)
     prompt = "a cat [fake:fail=500,drop]"
     with capture_logs() as logs:

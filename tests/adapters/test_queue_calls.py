@@ -16,7 +16,7 @@ import pytest
 
 from core.errors import DatabaseUnavailable, OperatorError
 from core.models import ClaimedJob
-from core.ports import WriteResult
+from core.ports import Completion, WriteResult
 from listener.queue.calls import QueueCalls
 from listener.queue.postgres import SqlTransport, connect_per_call, open_pool
 from listener.queue.postgrest import RpcTransport
@@ -92,14 +92,34 @@ async def test_complete_writes_the_reply_once_and_fences_a_repeat(
     job = await claim_one(queue, db)
     metadata = {"model": "gpt-image-test", "size": "1536x1024", "nested": {"n": [1, 2]}}
     result = await queue.complete(job, WORKER, "file:///tmp/x.png", metadata)
-    assert result is WriteResult.DONE
+    assert result == Completion(WriteResult.DONE, cost_usd=None)  # a model without a price
     [reply] = reply_of(db, job.request_id)
     assert (reply["status"], reply["image_url"]) == ("complete", "file:///tmp/x.png")
     assert reply["metadata"]["nested"] == {"n": [1, 2]}
+    assert reply["metadata"]["cost_usd"] is None
     assert job_of(db, job.request_id) is None
     again = await queue.complete(job, WORKER, "file:///tmp/y.png", metadata)
-    assert again is WriteResult.LEASE_LOST
+    assert again.write is WriteResult.LEASE_LOST
     assert reply_of(db, job.request_id)[0]["image_url"] == "file:///tmp/x.png"
+
+
+async def test_complete_prices_the_image_from_the_price_table(queue: QueueCalls, db: Conn) -> None:
+    """cost_usd = tokens x the model's USD per 1M tokens, on the reply and back to the caller
+    (the number the metrics count); input tokens split by kind when the provider splits them."""
+    job = await claim_one(queue, db)
+    usage = {
+        "input_tokens": 1200,
+        "input_text_tokens": 200,
+        "input_image_tokens": 1000,
+        "output_tokens": 4160,
+    }
+    metadata = {"model": "gpt-image-2.6-flare", "usage": usage}
+    result = await queue.complete(job, WORKER, "file:///tmp/x.png", metadata)
+    expected = (200 * 5.0 + 1000 * 8.0 + 4160 * 30.0) / 1_000_000
+    assert result.write is WriteResult.DONE
+    assert result.cost_usd == pytest.approx(expected)
+    [reply] = reply_of(db, job.request_id)
+    assert float(reply["metadata"]["cost_usd"]) == pytest.approx(expected)
 
 
 async def test_fail_schedules_a_retry_or_gives_up_with_the_public_error(
@@ -153,7 +173,7 @@ async def test_a_deleted_request_answers_cancelled(queue: QueueCalls, db: Conn) 
     with as_user(db, job.user_id):
         db.execute("delete from public.messages where id = %s", (job.request_id,))
     result = await queue.complete(job, WORKER, "file:///tmp/x.png", {})
-    assert result is WriteResult.CANCELLED
+    assert result.write is WriteResult.CANCELLED
 
 
 async def test_next_due_is_none_for_an_empty_queue(queue: QueueCalls) -> None:

@@ -113,7 +113,14 @@ def test_doctor_checks_postgrest_realtime_storage_and_openai(rig: ModeRig) -> No
     result = cli("doctor", env=rig.env)
     assert result.returncode == 0, result.stdout + result.stderr
     names = [line.split()[:2] for line in result.stdout.strip().splitlines()]
-    assert names == [["ok", "postgrest"], ["ok", "realtime"], ["ok", "storage"], ["ok", "openai"]]
+    assert names == [
+        ["ok", "postgrest"],
+        ["ok", "realtime"],
+        ["ok", "storage"],
+        ["warn", "limits"],  # over PostgREST too: a fresh database limits nobody
+        ["ok", "prices"],
+        ["ok", "openai"],
+    ]
     assert rig.env["SUPABASE_SERVICE_ROLE_KEY"] not in result.stdout + result.stderr
 
 

@@ -453,9 +453,11 @@ def supabase_defaults_url(pg_server: PostgresServer) -> Iterator[str]:
 
 
 def test_client_roles_can_execute_no_function_except_the_policy_helper(shared_db: Conn) -> None:
-    """Lists every function in public and image_queue, so a new one cannot slip through."""
+    """Lists every function in public and image_queue, so a new one cannot slip through: the
+    policy helper, and a signed-in user's view of their own quota."""
     assert shared_db.execute(_CLIENT_EXECUTABLE).fetchall() == [
-        {"function": "is_chat_owner(uuid)", "role": "authenticated"}
+        {"function": "is_chat_owner(uuid)", "role": "authenticated"},
+        {"function": "my_image_quota()", "role": "authenticated"},
     ]
 
 
@@ -479,7 +481,10 @@ def test_supabase_default_privileges_do_not_open_functions_or_tables_to_clients(
             " where attrelid = 'public.chats'::regclass and attnum > 0 and not attisdropped"
             "   and has_column_privilege('authenticated', attrelid, attnum, 'update')"
         ).fetchone()
-    assert executable == [{"function": "is_chat_owner(uuid)", "role": "authenticated"}]
+    assert executable == [
+        {"function": "is_chat_owner(uuid)", "role": "authenticated"},
+        {"function": "my_image_quota()", "role": "authenticated"},
+    ]
     assert tables == [
         {"role": "anon", "name": "public.chats", "privileges": []},
         {"role": "anon", "name": "public.messages", "privileges": []},

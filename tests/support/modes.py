@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 
 from listener.runtime.wiring import MODES as MODE_PLANS
 from listener.runtime.wiring import PushKind
@@ -94,6 +95,45 @@ class ModeRig:
         )
         assert response.status_code == 201, response.text
         return uuid.UUID(response.json()[0]["id"])
+
+    def refused_insert(self, user: uuid.UUID, chat: uuid.UUID, prompt: str) -> str:
+        """As the frontend, an insert that a limit must refuse: HTTP 429 over PostgREST,
+        SQLSTATE IL429 in SQL. The refusal's message; nothing may have been stored."""
+        before = self._count_requests()
+        if self.stack is None:
+            with pytest.raises(psycopg.Error) as caught, as_user(self.db, user):
+                self.db.execute(
+                    "insert into public.messages (chat_id, role, content, message_type)"
+                    " values (%s, 'user', %s, 'image')",
+                    (chat, prompt),
+                )
+            assert caught.value.sqlstate == "IL429", caught.value
+            message = caught.value.diag.message_primary or ""
+        else:
+            response = httpx.post(
+                f"{self.stack.url}/rest/v1/messages",
+                json={
+                    "chat_id": str(chat),
+                    "role": "user",
+                    "message_type": "image",
+                    "content": prompt,
+                },
+                headers=self._user_headers(user),
+                timeout=10,
+            )
+            assert response.status_code == 429, response.text
+            assert response.json()["code"] == "IL429"
+            message = response.json()["message"]
+        assert self._count_requests() == before, "a refused insert stored something"
+        return str(message)
+
+    def _count_requests(self) -> int:
+        """Users' messages only: a running listener adds replies meanwhile."""
+        row = self.db.execute(
+            "select count(*) as n from public.messages where role = 'user'"
+        ).fetchone()
+        assert row is not None
+        return int(row["n"])
 
     def delete_request(self, user: uuid.UUID, request_id: uuid.UUID) -> None:
         """As the frontend: the owner deletes (cancels) the request."""

@@ -13,6 +13,7 @@ from listener.settings import (
     Settings,
     SettingsError,
     load_settings,
+    retired_variables,
     settings_table,
     unknown_variables,
 )
@@ -228,6 +229,13 @@ def test_unknown_prefixed_variables_are_listed_as_likely_typos() -> None:
         "HOME": "/root",
     }
     assert unknown_variables(environ) == ["IMAGE_LISTENER_CONCURENCY"]
+
+
+def test_a_retired_variable_is_named_with_where_its_job_went_not_as_a_typo() -> None:
+    environ = {"IMAGE_LISTENER_PRICES": '{"m": {"input_text": 1}}'}
+    assert unknown_variables(environ) == []
+    assert "image-listener prices set" in retired_variables(environ)["IMAGE_LISTENER_PRICES"]
+    assert retired_variables({"IMAGE_LISTENER_PRICES": ""}) == {}  # empty counts as unset
 
 
 def test_settings_table_lists_every_setting_once_with_a_one_line_description() -> None:

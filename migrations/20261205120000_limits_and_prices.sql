@@ -101,7 +101,8 @@ as $$
 $$;
 
 -- How much of each limit a user has used, and when the next request becomes possible (null
--- when none is reached; 'infinity' when only a finished request can free a place).
+-- when none is reached; 'infinity' when only a finished request can free a place, or when a
+-- limit of 0 turns generation off for the user).
 create function image_queue.quota_of(p_user uuid)
 returns table (
   max_pending integer, pending integer,
@@ -144,6 +145,11 @@ begin
   end if;
   if max_pending is not null and pending >= max_pending and next_request_at is null then
     reached := 'max_pending';
+    next_request_at := 'infinity';
+  end if;
+  -- A limit of 0 turns image generation off for the user: no time will free a place.
+  if 0 in (max_pending, per_day, usd_per_month) then
+    reached := 'off';
     next_request_at := 'infinity';
   end if;
   return next;
@@ -199,6 +205,11 @@ begin
   perform pg_advisory_xact_lock(hashtextextended('image-listener:limits:' || p_user::text, 0));
   select * into q from image_queue.quota_of(p_user);
   case q.reached
+    when 'off' then
+      perform image_queue.refuse(format(
+        'image generation is turned off for this account (%s is 0)',
+        case when q.max_pending = 0 then 'max_pending'
+             when q.per_day = 0 then 'per_day' else 'usd_per_month' end), null);
     when 'max_pending' then
       perform image_queue.refuse(format(
         'too many unfinished image requests (%s at once); next request possible when one of them is finished',

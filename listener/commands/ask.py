@@ -19,6 +19,8 @@ from psycopg.rows import dict_row
 from core.errors import DatabaseUnavailable, InvalidRequest, first_line
 
 DEFAULT_EMAIL = "ask@image-listener.local"
+#: the SQLSTATE of a request refused by a per-user limit (migrations/…_limits_and_prices.sql)
+LIMIT_REACHED = "IL429"
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,14 @@ def submit(conninfo: str, prompt: str, options: Mapping[str, str], email: str) -
                 ).fetchone()
                 assert row is not None
                 request_id: UUID = row["id"]
-    except psycopg.errors.CheckViolation as exc:
-        reason = exc.diag.message_primary or "the request was rejected"
-        raise InvalidRequest(reason, public_message=reason) from exc
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot reach the database: {first_line(exc)}") from exc
+    except psycopg.Error as exc:
+        # the contract's refusals: validation (class 23) and the per-user limits (IL429)
+        if exc.sqlstate == LIMIT_REACHED or (exc.sqlstate or "").startswith("23"):
+            reason = exc.diag.message_primary or "the request was refused"
+            raise InvalidRequest(reason, public_message=reason) from exc
+        raise
     return request_id
 
 

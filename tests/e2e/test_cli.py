@@ -299,3 +299,13 @@ def test_a_wake_up_while_every_slot_is_busy_does_not_spin_the_loop(
     assert used < 0.5, f"{used:.2f} s of CPU in 2 s while waiting"
     assert wait_final(db, first)["status"] == "complete"
     assert wait_final(db, second)["status"] == "complete"
+
+
+def test_ask_over_a_limit_says_why_in_one_line(env: dict[str, str]) -> None:
+    limited = cli("quota", "set", "--default", "--per-day", "0", env=env)
+    assert limited.returncode == 0, limited.stderr
+    result = cli("ask", "a lighthouse", "--timeout", "5", env=env)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "image-listener: error: image generation is turned off for this account (per_day is 0)\n"
+    )

@@ -372,3 +372,15 @@ def test_a_database_migrated_before_the_limits_counts_its_recent_requests(
             assert float(reply["metadata"]["cost_usd"]) == pytest.approx(0.03)
     finally:
         pg_server.drop(name)
+
+
+def test_a_limit_of_zero_turns_generation_off_for_the_user(db: Conn) -> None:
+    user, chat = new_chat(db)
+    set_limits(db, user, per_day=0)
+    error = refused(db, user, chat)
+    assert error.diag.message_primary == (
+        "image generation is turned off for this account (per_day is 0)"
+    )
+    with as_user(db, user):
+        [row] = db.execute("select next_request_at::text from public.my_image_quota()").fetchall()
+    assert row == {"next_request_at": "infinity"}  # no time will free a place

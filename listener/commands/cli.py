@@ -216,7 +216,7 @@ def status(as_json: bool, failures: int, data_dir: Path) -> None:
 )
 @dev_data_dir
 def retry(request_id: UUID | None, failed_since: str | None, data_dir: Path) -> None:
-    """Give a failed request a new attempt (its one reply row goes back to 'generating')."""
+    """Give a failed request a new attempt (its one reply row goes back to 'queued')."""
     from listener.commands import admin
 
     if (request_id is None) == (failed_since is None):

@@ -65,22 +65,24 @@ async def test_subscription_wakes_and_each_insert_wakes(running: Running) -> Non
     assert running.source.healthy
     assert running.wakes, "SUBSCRIBED triggers a catch-up claim"
     await running.insert()
-    await eventually(lambda: running.source.events == 1)
+    await eventually(lambda: running.source.hints == 1)
 
 
-async def test_the_reply_a_claim_inserts_does_not_wake_again(running: Running) -> None:
-    """The filter ``message_type=eq.image`` also matches the assistant reply of each claim; only
-    the user's request may wake the worker: one request, one wake-up per listener."""
+async def test_the_reply_inserted_with_the_request_does_not_wake_again(running: Running) -> None:
+    """The filter ``message_type=eq.image`` also matches the request's reply (inserted 'queued'
+    in the same transaction); only the user's request may wake the worker: one request, one
+    wake-up per listener. The claim then updates that reply: no further insert, no event."""
     await running.insert()
-    await eventually(lambda: running.source.events == 1)
+    await eventually(lambda: running.source.events == 2)
+    assert running.source.hints == 1
     claimed = await asyncio.to_thread(
         lambda: running.db.execute(
             "select * from public.image_jobs_claim('w', 1, 60, 3)"
         ).fetchall()
     )
-    assert len(claimed) == 1, "the claim inserts the generating reply"
-    await eventually(lambda: running.source.events == 2)
-    assert running.source.hints == 1
+    assert len(claimed) == 1
+    await asyncio.sleep(0.3)
+    assert (running.source.events, running.source.hints) == (2, 1)
 
 
 def test_only_user_rows_and_rows_without_a_role_count_as_requests() -> None:
@@ -103,10 +105,10 @@ async def test_a_wake_callback_that_raises_does_not_kill_the_listen_task(
 
     running.source._wake = broken
     await running.insert()
-    await eventually(lambda: running.source.events == 1)
+    await eventually(lambda: running.source.hints == 1)
     running.source._wake = lambda: running.wakes.append(time.monotonic())
     await running.insert()
-    await eventually(lambda: running.source.events == 2)
+    await eventually(lambda: running.source.hints == 2)
     assert running.source.sessions == 1, "no rebuild was needed: the task survived"
 
 
@@ -119,7 +121,7 @@ async def test_dropped_socket_resubscribes_and_events_flow_again(running: Runnin
     running.fault("drop_connections")
     await eventually(lambda: running.source.subscriptions >= 2)
     await running.insert()
-    await eventually(lambda: running.source.events == 1)
+    await eventually(lambda: running.source.hints == 1)
 
 
 async def test_phx_close_is_noticed_and_a_new_channel_is_built(running: Running) -> None:
@@ -127,7 +129,7 @@ async def test_phx_close_is_noticed_and_a_new_channel_is_built(running: Running)
     running.fault("close_channels")
     await eventually(lambda: running.source.sessions >= 2 and running.source.subscriptions >= 2)
     await running.insert()
-    await eventually(lambda: running.source.events == 1)
+    await eventually(lambda: running.source.hints == 1)
 
 
 async def test_half_open_socket_is_detected_by_ping_well_before_40_seconds(
@@ -141,7 +143,7 @@ async def test_half_open_socket_is_detected_by_ping_well_before_40_seconds(
     running.fault("resume")
     await eventually(lambda: running.source.healthy)
     await running.insert()
-    await eventually(lambda: running.source.events >= 1)
+    await eventually(lambda: running.source.hints >= 1)
 
 
 async def test_server_away_past_the_clients_retry_budget_is_recovered(running: Running) -> None:
@@ -154,4 +156,4 @@ async def test_server_away_past_the_clients_retry_budget_is_recovered(running: R
     running.fault("start")
     await eventually(lambda: running.source.healthy, within=40)
     await running.insert()
-    await eventually(lambda: running.source.events >= 1)
+    await eventually(lambda: running.source.hints >= 1)

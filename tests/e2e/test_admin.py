@@ -69,7 +69,7 @@ def test_retry_gives_a_failed_request_a_new_attempt_on_the_same_reply_row(rig: M
     assert result.returncode == 0, result.stderr
     [reply] = reply_of(rig.db, request)
     assert reply["id"] == failed_reply["id"]
-    assert (reply["status"], reply["error"]) == ("generating", None)
+    assert (reply["status"], reply["error"]) == ("queued", None)
     rig.start()
     final = rig.wait_final(request)
     assert final["status"] == "complete"

@@ -651,11 +651,10 @@ def build_world(db: Conn) -> World:
         assert isinstance(outcome, uuid.UUID)
         ids.append(outcome)
     with as_service_role(db):
-        row = db.execute(
-            "insert into public.messages (chat_id, role, content, message_type, status, reply_to)"
-            " values (%s, 'assistant', 'Generating image...', 'image', 'generating', %s)"
-            " returning id",
-            (chat, ids[0]),
+        row = db.execute(  # the reply the insert created ('queued'), as a claim leaves it
+            "update public.messages set status = 'generating', content = 'Generating image...'"
+            " where reply_to = %s returning id",
+            (ids[0],),
         ).fetchone()
     assert row is not None
     return World(owner, stranger, chat, stranger_chat, ids[0], row["id"], ids[1])

@@ -46,6 +46,32 @@ def test_request_completes_with_a_downloadable_image_of_the_requested_size(rig: 
     assert job_of(rig.db, request) is None
 
 
+def test_a_watcher_of_the_reply_row_sees_queued_then_generating_then_complete(
+    rig: ModeRig,
+) -> None:
+    """One row tells the story: it exists 'queued' from the insert (no listener is running yet),
+    with its place in line; the claim makes the same row 'generating'; then 'complete'."""
+    user, chat = new_chat(rig.db)
+    ahead = rig.insert_request(user, chat, "first in line")
+    request = rig.insert_request(user, chat, "slow one [fake:delay=1.5]")
+    [queued] = reply_of(rig.db, request)
+    assert queued["status"] == "queued"
+    assert rig.position(user, request) == 1
+    assert rig.position(user, ahead) == 0
+    rig.start()
+    seen: list[str] = []
+    deadline = time.monotonic() + 20
+    while not seen or seen[-1] not in ("complete", "failed"):
+        assert time.monotonic() < deadline, seen
+        [row] = reply_of(rig.db, request)
+        assert row["id"] == queued["id"], "one reply row throughout"
+        if not seen or seen[-1] != row["status"]:
+            seen.append(row["status"])
+        time.sleep(0.02)
+    assert seen == ["queued", "generating", "complete"]
+    assert rig.position(user, request) is None
+
+
 def test_requests_inserted_while_down_are_served_on_start(rig: ModeRig) -> None:
     user, chat = new_chat(rig.db)
     requests = [rig.insert_request(user, chat, f"backlog {i}") for i in range(4)]

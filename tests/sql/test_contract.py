@@ -330,14 +330,15 @@ def test_only_user_image_messages_create_jobs(
 ) -> None:
     """A reply (or any non-user image row) that enqueued itself would loop forever."""
     user, chat_id = chat
+    note = insert_message(db, user, chat_id, content="a note", message_type="text")
     request = insert_message(db, user, chat_id)
     assert notifications(listener, expect=1) == [("image_requests", str(request))]
 
-    with as_service_role(db):
+    with as_service_role(db):  # (the request's own reply exists already: reply to the note)
         db.execute(
             "insert into public.messages (chat_id, role, content, message_type, status, reply_to)"
             " values (%s, %s, 'an image', 'image', %s, %s)",
-            (chat_id, role, status, request if is_reply else None),
+            (chat_id, role, status, note if is_reply else None),
         )
 
     assert [job["request_id"] for job in jobs(db, chat_id)] == [request]
@@ -353,12 +354,12 @@ def _insert_reply(db: Conn, chat_id: uuid.UUID, request: uuid.UUID, status: str)
 
 
 def test_only_one_assistant_reply_per_request(db: Conn, chat: tuple[uuid.UUID, uuid.UUID]) -> None:
+    """The insert creates the request's one reply ('queued'); a second one collides."""
     user, chat_id = chat
     request = insert_message(db, user, chat_id)
-    other_request = insert_message(db, user, chat_id, content="a blue whale")
+    note = insert_message(db, user, chat_id, content="a note", message_type="text")
     with as_service_role(db):
-        _insert_reply(db, chat_id, request, "generating")
-        _insert_reply(db, chat_id, other_request, "generating")  # another request: no collision
+        _insert_reply(db, chat_id, note, "generating")  # another message: no collision
 
     with pytest.raises(psycopg.errors.UniqueViolation) as raised, as_service_role(db):
         _insert_reply(db, chat_id, request, "complete")
@@ -367,14 +368,14 @@ def test_only_one_assistant_reply_per_request(db: Conn, chat: tuple[uuid.UUID, u
     replies = db.execute(
         "select reply_to, status from public.messages where reply_to = %s", (request,)
     ).fetchall()
-    assert replies == [{"reply_to": request, "status": "generating"}]
+    assert replies == [{"reply_to": request, "status": "queued"}]
 
 
 def test_updated_at_is_set_to_the_update_time_and_cannot_be_forged(
     db: Conn, chat: tuple[uuid.UUID, uuid.UUID]
 ) -> None:
     user, chat_id = chat
-    request = insert_message(db, user, chat_id)
+    request = insert_message(db, user, chat_id, content="a note", message_type="text")
     with as_service_role(db):
         row = db.execute(
             "insert into public.messages"

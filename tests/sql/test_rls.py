@@ -61,12 +61,12 @@ def _build_world(db: Conn) -> World:
     chat_a, chat_b = _new_chat(db, a), _new_chat(db, b)
     request_a, request_b = _new_request(db, a, chat_a), _new_request(db, b, chat_b)
     with as_service_role(db):
+        # the reply the insert created ('queued'), as a claim leaves it
         reply_a = _one_id(
             db,
-            "insert into public.messages (chat_id, role, content, message_type, status, reply_to)"
-            " values (%s, 'assistant', 'Generating image...', 'image', 'generating', %s)"
-            " returning id",
-            (chat_a, request_a),
+            "update public.messages set status = 'generating', content = 'Generating image...'"
+            " where reply_to = %s returning id",
+            (request_a,),
         )
     return World(a, b, chat_a, chat_b, request_a, request_b, reply_a)
 
@@ -417,7 +417,16 @@ def test_client_roles_cannot_log_in_and_only_service_role_bypasses_rls(shared_db
 def test_service_role_reads_every_message_past_rls(shared_db: Conn, shared_world: World) -> None:
     with as_service_role(shared_db):
         seen = _ids(shared_db, "select id from public.messages")
-    assert seen == {shared_world.request_a, shared_world.reply_a, shared_world.request_b}
+    reply_b = shared_db.execute(
+        "select id from public.messages where reply_to = %s", (shared_world.request_b,)
+    ).fetchone()
+    assert reply_b is not None  # B's request is queued: its reply exists from the insert
+    assert seen == {
+        shared_world.request_a,
+        shared_world.reply_a,
+        shared_world.request_b,
+        reply_b["id"],
+    }
 
 
 _CLIENT_EXECUTABLE = """
@@ -456,6 +465,7 @@ def test_client_roles_can_execute_no_function_except_the_policy_helper(shared_db
     """Lists every function in public and image_queue, so a new one cannot slip through: the
     policy helper, and a signed-in user's view of their own quota."""
     assert shared_db.execute(_CLIENT_EXECUTABLE).fetchall() == [
+        {"function": "image_request_position(uuid)", "role": "authenticated"},
         {"function": "is_chat_owner(uuid)", "role": "authenticated"},
         {"function": "my_image_quota()", "role": "authenticated"},
     ]
@@ -482,6 +492,7 @@ def test_supabase_default_privileges_do_not_open_functions_or_tables_to_clients(
             "   and has_column_privilege('authenticated', attrelid, attnum, 'update')"
         ).fetchone()
     assert executable == [
+        {"function": "image_request_position(uuid)", "role": "authenticated"},
         {"function": "is_chat_owner(uuid)", "role": "authenticated"},
         {"function": "my_image_quota()", "role": "authenticated"},
     ]

@@ -211,8 +211,15 @@ async def test_subscribed_then_an_image_request_arrives_with_its_record_and_text
         "image",
         {},
     )
-    await quiet_after(stack, 2, sub)
-    assert stack.fake.events_sent == 1
+    # the request's reply exists from its insert (status 'queued'): an image message too
+    reply = await sub.next_record()
+    assert (reply["role"], reply["status"], reply["reply_to"]) == (
+        "assistant",
+        "queued",
+        str(request_id),
+    )
+    await quiet_after(stack, 3, sub)
+    assert stack.fake.events_sent == 2
 
 
 async def test_after_a_dropped_connection_the_client_reconnects_rejoins_and_events_flow(
@@ -276,8 +283,8 @@ async def test_a_silent_server_answers_no_heartbeat_and_relays_nothing_but_keeps
             with pytest.raises(TimeoutError):
                 await raw.receive(timeout=0.5)
             await insert_image(db, user_id, chat_id, "lost in the silence")
-            await quiet_after(stack, 1, sub)
-            assert stack.fake.events_dropped == 1
+            await quiet_after(stack, 2, sub)  # the request and its queued reply
+            assert stack.fake.events_dropped == 2
             assert not raw.closed
             assert sub.client.is_connected
             assert sub.states == [SUBSCRIBED]
@@ -344,11 +351,12 @@ async def test_a_paused_relay_loses_changes_without_any_sign_to_the_client(
     user_id, chat_id = await asyncio.to_thread(new_chat, db)
     await stack.fake.pause_relay()
     await insert_image(db, user_id, chat_id, "dropped")
-    await quiet_after(stack, 1, sub)
+    await quiet_after(stack, 2, sub)  # the request and its queued reply
     await stack.fake.resume_relay()
     request_id = await insert_image(db, user_id, chat_id, "relayed")
     assert (await sub.next_record())["id"] == str(request_id)
-    assert (stack.fake.events_dropped, stack.fake.events_sent, sub.states) == (1, 1, [SUBSCRIBED])
+    assert (await sub.next_record())["reply_to"] == str(request_id)
+    assert (stack.fake.events_dropped, stack.fake.events_sent, sub.states) == (2, 2, [SUBSCRIBED])
 
 
 async def test_delay_subscribed_makes_subscribe_wait(stack: Stack, subscribe: Subscribe) -> None:

@@ -96,6 +96,25 @@ class ModeRig:
         assert response.status_code == 201, response.text
         return uuid.UUID(response.json()[0]["id"])
 
+    def position(self, user: uuid.UUID, request: uuid.UUID) -> int | None:
+        """As the frontend: the request's place in line (over PostgREST in Supabase mode)."""
+        if self.stack is None:
+            with as_user(self.db, user):
+                row = self.db.execute(
+                    "select public.image_request_position(%s) as p", (request,)
+                ).fetchone()
+            assert row is not None
+            return None if row["p"] is None else int(row["p"])
+        response = httpx.post(
+            f"{self.stack.url}/rest/v1/rpc/image_request_position",
+            json={"request_id": str(request)},
+            headers=self._user_headers(user),
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        value = response.json()
+        return None if value is None else int(value)
+
     def refused_insert(self, user: uuid.UUID, chat: uuid.UUID, prompt: str) -> str:
         """As the frontend, an insert that a limit must refuse: HTTP 429 over PostgREST,
         SQLSTATE IL429 in SQL. The refusal's message; nothing may have been stored."""

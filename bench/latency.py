@@ -5,7 +5,8 @@ OpenAI server and one ``image-listener run`` in subprocesses, then inserts reque
 time (as the ``authenticated`` role, like a frontend) with an idle gap between them, and reads
 the timings from the database's own clock:
 
-* wake-up: request ``created_at`` -> reply row created (the claim that started the work)
+* wake-up: request ``created_at`` -> the claim that started the work (the reply's
+  ``metadata.started_at``, stamped as it turns ``generating``)
 * insert-to-complete: request ``created_at`` -> reply ``updated_at`` when it became complete
 
 ``--mode supabase`` runs the daemon with only SUPABASE_URL and the service-role key, in front of
@@ -134,7 +135,9 @@ def _measure(
             time.sleep(0.001)
         time.sleep(rng.uniform(0.02, 0.06))
     return conn.execute(
-        "select extract(epoch from (r.created_at - q.created_at)) * 1000 as wake_ms,"
+        # the claim's time: metadata.started_at (the reply itself exists from the insert)
+        "select extract(epoch from ((r.metadata ->> 'started_at')::timestamptz - q.created_at))"
+        " * 1000 as wake_ms,"
         " extract(epoch from (r.updated_at - q.created_at)) * 1000 as done_ms"
         " from public.messages q join public.messages r on r.reply_to = q.id"
         " where q.id = any(%s)",

@@ -27,7 +27,8 @@ TEMPLATE = "il_bench_template"
 REPLY_TIMES = """
 select count(*) filter (where status = 'complete') as complete,
        count(*) filter (where status = 'failed') as failed,
-       extract(epoch from min(created_at)) as first_claim,
+       -- the claim's time (the reply exists from the insert, so not its created_at)
+       extract(epoch from min((metadata ->> 'started_at')::timestamptz)) as first_claim,
        extract(epoch from max(updated_at) filter (where status = 'complete')) as last_done
 from public.messages where reply_to is not null
 """

@@ -186,7 +186,9 @@ def wakeup_latency(rig: Rig, k: int, *, warmup: int = 10) -> dict[str, Any]:
         with psycopg.connect(conninfo, autocommit=True) as conn:
             claimed = dict(
                 conn.execute(
-                    "select reply_to, extract(epoch from created_at)::float8 from public.messages"
+                    "select reply_to,"
+                    " extract(epoch from (metadata ->> 'started_at')::timestamptz)::float8"
+                    " from public.messages"
                     " where reply_to = any(%s)",
                     ([s[1] for s in samples],),
                 ).fetchall()

@@ -61,6 +61,8 @@ class GenerationParams:
     background: str | None = None
     #: a stable hash of the end user's id, never the id itself
     safety_identifier: str | None = None
+    #: partial images to stream while generating (0: one plain call, no previews)
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,21 @@ def as_timestamp(value: object) -> datetime:
 def as_uuid(value: object) -> UUID:
     """A uuid as the driver decodes it, or as text (PostgREST's JSON)."""
     return value if isinstance(value, UUID) else UUID(str(value))
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """One preview the provider streamed while generating (``index`` from 0)."""
+
+    index: int
+    data: bytes
+    output_format: str
+
+
+def preview_path(job: ClaimedJob, index: int, output_format: str) -> str:
+    """Where a preview is stored: beside the final image, deleted once that is stored."""
+    extension = IMAGE_FORMATS[output_format][0]
+    return f"{job.user_id}/{job.chat_id}/{job.request_id}.preview-{index}.{extension}"
 
 
 def object_path(job: ClaimedJob, output_format: str) -> str:

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
 
-from core.models import ClaimedJob, GeneratedImage, GenerationParams, StoredImage
+from core.models import ClaimedJob, GeneratedImage, GenerationParams, PartialImage, StoredImage
 
 if TYPE_CHECKING:  # core does no asyncio; the event is only named in a signature
     import asyncio
 
 
-class ImageGenerator(Protocol):
-    """Turns parameters into image bytes; raises only errors from :mod:`core.errors`."""
+#: receives each partial image as it arrives; whatever it raises stops the generation
+PartialSink = Callable[[PartialImage], Awaitable[None]]
 
-    async def generate(self, params: GenerationParams) -> GeneratedImage:
-        """Run one generation call (no retries: the caller owns the retry policy)."""
+
+class ImageGenerator(Protocol):
+    """Turns parameters into image bytes; raises only errors from :mod:`core.errors` (and
+    whatever ``on_partial`` raises, unchanged)."""
+
+    async def generate(
+        self, params: GenerationParams, on_partial: PartialSink | None = None
+    ) -> GeneratedImage:
+        """Run one generation call (no retries: the caller owns the retry policy). With
+        ``params.partial_images`` and ``on_partial``, the previews are handed over as they
+        come; a generator that cannot stream ignores them."""
         ...
 
 
@@ -106,6 +115,12 @@ class JobStore(Protocol):
         self, job: ClaimedJob, worker: str, image_url: str, metadata: Mapping[str, Any]
     ) -> Completion:
         """Mark the reply complete with its image (priced by the database)."""
+        ...
+
+    async def preview(
+        self, job: ClaimedJob, worker: str, preview_url: str, index: int
+    ) -> WriteResult:
+        """Show a partial image on the reply (fenced like the other writes)."""
         ...
 
     async def fail(

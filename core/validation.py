@@ -21,7 +21,9 @@ from core.errors import InvalidRequest
 from core.models import IMAGE_FORMATS, ClaimedJob, GenerationParams
 
 MAX_PROMPT_CHARS = 32_000
-ALLOWED_OPTIONS = ("size", "quality", "background", "output_format")
+ALLOWED_OPTIONS = ("size", "quality", "background", "output_format", "partial_images")
+#: the Images API streams at most three partial images
+MAX_PARTIAL_IMAGES = 3
 QUALITIES = ("low", "medium", "high", "auto")
 BACKGROUNDS = ("transparent", "opaque", "auto")
 _SIZE = re.compile(r"([1-9][0-9]{1,4})x([1-9][0-9]{1,4})")
@@ -70,6 +72,17 @@ def _choice(options: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> s
     return value
 
 
+def _partial_images(options: Mapping[str, Any], default: int) -> int:
+    """A whole number 0..3 (JSON ``2`` or ``2.0``, never ``true``), else ``default``."""
+    value = options.get("partial_images")
+    if value is None:
+        return default
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or not 0 <= value <= MAX_PARTIAL_IMAGES:
+        raise _bad_option("partial_images", "must be a whole number from 0 to 3")
+    return int(value)
+
+
 def _bad_option(key: str, reason: str) -> InvalidRequest:
     return InvalidRequest(
         f"option {key} rejected: {reason}", public_message=f"The option {key} {reason}."
@@ -81,7 +94,9 @@ def safety_identifier(user_id: object) -> str:
     return hashlib.sha256(_SAFETY_NAMESPACE + str(user_id).encode()).hexdigest()[:32]
 
 
-def generation_params(job: ClaimedJob, *, model: str, default_size: str) -> GenerationParams:
+def generation_params(
+    job: ClaimedJob, *, model: str, default_size: str, default_partial_images: int = 0
+) -> GenerationParams:
     """Everything the model call needs; raises InvalidRequest with a user-safe reason."""
     options = job.options
     if not isinstance(options, Mapping):
@@ -108,5 +123,6 @@ def generation_params(job: ClaimedJob, *, model: str, default_size: str) -> Gene
         output_format=output_format,
         quality=_choice(options, "quality", QUALITIES),
         background=background,
+        partial_images=_partial_images(options, default_partial_images),
         safety_identifier=safety_identifier(job.user_id),
     )

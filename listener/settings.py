@@ -183,6 +183,13 @@ class Settings(BaseSettings):
         validation_alias=_env("DEFAULT_SIZE"),
         description="Image size (WIDTHxHEIGHT or auto) used when a request does not give one",
     )
+    partial_images: int = Field(
+        default=0,
+        ge=0,
+        le=3,
+        validation_alias=_env("PARTIAL_IMAGES"),
+        description="Previews streamed while generating, for requests without partial_images (0-3)",
+    )
     tries_per_attempt: int = Field(
         default=3,
         ge=1,

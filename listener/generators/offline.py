@@ -13,6 +13,7 @@ import re
 from core.errors import InvalidRequest
 from core.models import GeneratedImage, GenerationParams, TokenUsage
 from core.png import encode_png
+from core.ports import PartialSink
 
 LABEL_LINES = ("OFFLINE PLACEHOLDER",)
 LABEL_LINES_NARROW = ("OFFLINE", "PLACEHOLDER")
@@ -55,8 +56,11 @@ class OfflineImageGenerator:
     the stored file then gets a .png extension, which is honest about what it holds.
     """
 
-    async def generate(self, params: GenerationParams) -> GeneratedImage:
-        """A placeholder of ``params.size`` ("auto" is 1024x1024), coloured by the prompt's hash."""
+    async def generate(
+        self, params: GenerationParams, on_partial: PartialSink | None = None
+    ) -> GeneratedImage:
+        """A placeholder of ``params.size`` ("auto" is 1024x1024), coloured by the prompt's hash.
+        It streams nothing: requests for previews get the final placeholder only."""
         width, height = parse_size(params.size)
         data = await asyncio.to_thread(placeholder_png, width, height, params.prompt)
         return GeneratedImage(data=data, output_format="png", usage=TokenUsage())

@@ -31,7 +31,8 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from core.models import IMAGE_FORMATS, GeneratedImage, GenerationParams, TokenUsage
+from core.models import IMAGE_FORMATS, GeneratedImage, GenerationParams, PartialImage, TokenUsage
+from core.ports import PartialSink
 
 #: Used when no base URL is configured, so the SDK never falls back to ``OPENAI_BASE_URL``:
 #: configuration is read in one place (the CLI settings), not by libraries behind our back.
@@ -109,8 +110,14 @@ class OpenAIImageGenerator:
         self._body_slots = asyncio.Semaphore(body_slots)
         self._decode_slots = asyncio.Semaphore(decode_slots)
 
-    async def generate(self, params: GenerationParams) -> GeneratedImage:
-        """One call, no retries; SDK errors come out as :mod:`core.errors` types."""
+    async def generate(
+        self, params: GenerationParams, on_partial: PartialSink | None = None
+    ) -> GeneratedImage:
+        """One call, no retries; SDK errors come out as :mod:`core.errors` types. With
+        ``params.partial_images`` and ``on_partial`` the call is streamed (see
+        :meth:`_generate_streamed`)."""
+        if params.partial_images > 0 and on_partial is not None:
+            return await self._generate_streamed(params, on_partial)
         try:
             async with self._client.images.with_streaming_response.generate(
                 prompt=params.prompt, model=params.model, n=1, **_optional(params)
@@ -131,9 +138,93 @@ class OpenAIImageGenerator:
             # Reading the body comes after the SDK's own error mapping.
             raise _body_read_error(exc) from exc
 
+    async def _generate_streamed(
+        self, params: GenerationParams, on_partial: PartialSink
+    ) -> GeneratedImage:
+        """``stream=True``: each ``image_generation.partial_image`` goes to ``on_partial`` as it
+        arrives, and the ``image_generation.completed`` event is the image.
+
+        The SDK's traps, each handled here: a stream is never retried by the SDK (our retry
+        layer starts the call over); an error event with a nested ``error`` object is raised as
+        a plain ``openai.APIError`` (translated as usual: moderation is a refusal, the rest
+        transient); a flat error event, or any unknown ``type``, is yielded silently as a
+        partial-image event, so every event's ``type`` is checked; and a stream that ends
+        without its ``completed`` event is a failure, not an image. Whatever ``on_partial``
+        raises (the lease is gone, the request deleted) closes the stream and propagates.
+        """
+        try:
+            stream = await self._client.images.generate(
+                prompt=params.prompt,
+                model=params.model,
+                n=1,
+                stream=True,
+                partial_images=params.partial_images,
+                **_optional(params),
+            )
+            async with stream:
+                request_id = stream.response.headers.get("x-request-id")
+                async for event in stream:
+                    kind = getattr(event, "type", None)
+                    if kind == "image_generation.partial_image":
+                        await on_partial(_partial(event, params.output_format))
+                    elif kind == "image_generation.completed":
+                        return await self._completed(event, request_id, params.output_format)
+                    else:
+                        raise stream_event_error(event, request_id)
+        except openai.OpenAIError as exc:
+            raise translate_openai_error(exc, secret=self._client.api_key) from exc
+        except (TimeoutError, httpx2.HTTPError) as exc:
+            raise _body_read_error(exc) from exc
+        raise ProviderUnavailable(
+            "openai images.generate: the stream ended without its completed event"
+        )
+
+    async def _completed(
+        self, event: Any, request_id: str | None, requested_format: str
+    ) -> GeneratedImage:
+        payload = event.model_dump(mode="json", exclude={"b64_json"})
+        encoded = getattr(event, "b64_json", None)
+        if not isinstance(encoded, str) or len(encoded) <= _INLINE_DECODE_BYTES:
+            return image_from_payload(payload, encoded, request_id, requested_format)
+        async with self._decode_slots:  # a 2 MB base64 decode holds the GIL for ~2 ms
+            return await asyncio.to_thread(
+                image_from_payload, payload, encoded, request_id, requested_format
+            )
+
     async def aclose(self) -> None:
         """Close the HTTP client's connections (the daemon calls this on the way out)."""
         await self._client.close()
+
+
+def _partial(event: Any, requested_format: str) -> PartialImage:
+    """A partial-image event's preview (a few hundred KB: decoded on the loop)."""
+    try:
+        data = base64.b64decode(str(event.b64_json), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderUnavailable("openai stream sent a partial image that is not base64") from exc
+    index = event.partial_image_index
+    reported = getattr(event, "output_format", None)
+    output_format = reported if isinstance(reported, str) and reported in IMAGE_FORMATS else None
+    return PartialImage(
+        index=index if isinstance(index, int) and index >= 0 else 0,
+        data=data,
+        output_format=output_format or requested_format,
+    )
+
+
+def stream_event_error(event: Any, request_id: str | None) -> ImageListenerError:
+    """A stream event that is neither a partial image nor the completed image: a flat error
+    event (``{"type": "error", "code": ...}``) or a type this code does not know."""
+    extra = getattr(event, "model_extra", None) or {}
+    kind = str(getattr(event, "type", None))[:60]
+    code = extra.get("code")
+    nested = extra.get("error")
+    if code is None and isinstance(nested, dict):
+        code = nested.get("code")
+    detail = f"openai stream event type={kind} code={str(code)[:60]} request_id={request_id}"
+    if code in MODERATION_CODES:
+        return PolicyRefusal(detail)
+    return ProviderUnavailable(detail)
 
 
 def _optional(params: GenerationParams) -> dict[str, Any]:
@@ -169,6 +260,14 @@ def decode_images_response(
     data = payload.get("data")
     first = data[0] if isinstance(data, list) and data else None
     encoded = first.get("b64_json") if isinstance(first, dict) else None
+    return image_from_payload(payload, encoded, request_id, requested_format)
+
+
+def image_from_payload(
+    payload: Mapping[str, Any], encoded: object, request_id: str | None, requested_format: str
+) -> GeneratedImage:
+    """The image of a JSON answer, or of a stream's ``completed`` event: base64 ``encoded``
+    decoded, with the format and token usage the payload reports."""
     if not isinstance(encoded, str) or not encoded:
         raise ProviderUnavailable(
             f"openai images.generate returned no b64_json image (request_id={request_id})"

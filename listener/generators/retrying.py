@@ -17,7 +17,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from core.errors import ImageListenerError
 from core.models import GeneratedImage, GenerationParams
-from core.ports import ImageGenerator
+from core.ports import ImageGenerator, PartialSink
 from core.retry import RetryPolicy, retry_within_attempt, wait_before_retry
 from listener.ops.metrics import Metrics
 
@@ -48,8 +48,11 @@ class RetryingGenerator:
         self._rand = rand if rand is not None else random.Random()
         self._sleep = sleep
 
-    async def generate(self, params: GenerationParams) -> GeneratedImage:
-        """Call the wrapped generator until it succeeds or the policy says stop."""
+    async def generate(
+        self, params: GenerationParams, on_partial: PartialSink | None = None
+    ) -> GeneratedImage:
+        """Call the wrapped generator until it succeeds or the policy says stop (a stream that
+        failed midway starts over, its previews with it)."""
         # A fresh controller per call: tenacity keeps per-run state, and calls run concurrently.
         retrying = AsyncRetrying(
             retry=retry_if_exception(self._should_retry),
@@ -61,7 +64,7 @@ class RetryingGenerator:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._inner.generate(params)
+                return await self._inner.generate(params, on_partial)
         raise AssertionError("unreachable: tenacity either returns a result or re-raises")
 
     def _should_retry(self, error: BaseException) -> bool:

@@ -33,6 +33,7 @@ WRITE_RESULTS = {
     "failed": WriteResult.DONE,
     "retrying": WriteResult.DONE,
     "released": WriteResult.DONE,
+    "previewed": WriteResult.DONE,
     "lease_lost": WriteResult.LEASE_LOST,
     "cancelled": WriteResult.CANCELLED,
 }
@@ -129,6 +130,23 @@ class QueueCalls:
         return Completion(
             write=_known_result("image_jobs_complete_priced", rows[0].get("result")),
             cost_usd=None if cost is None else float(cost),
+        )
+
+    async def preview(
+        self, job: ClaimedJob, worker: str, preview_url: str, index: int
+    ) -> WriteResult:
+        return _known_result(
+            "image_jobs_preview",
+            await self._transport.value(
+                "image_jobs_preview",
+                {
+                    "p_request_id": job.request_id,
+                    "p_worker": worker,
+                    "p_attempt": job.attempt,
+                    "p_preview_url": preview_url,
+                    "p_index": index,
+                },
+            ),
         )
 
     async def fail(

@@ -93,6 +93,7 @@ async def _run_worker(
             lease_seconds=settings.lease_seconds,
             log_prompts=settings.log_prompts,
             retry_policy=policy,
+            default_partial_images=settings.partial_images,
         ),
         metrics=metrics,
     )

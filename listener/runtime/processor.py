@@ -25,6 +25,7 @@ from core.retry import GiveUp, RetryPolicy, decide_after_failure
 from core.validation import generation_params, safety_identifier
 from listener.ops.logging import prompt_fields
 from listener.ops.metrics import Metrics
+from listener.runtime.previews import PreviewRefused, PreviewWriter
 
 log = structlog.get_logger("listener.processor")
 T = TypeVar("T")
@@ -41,6 +42,7 @@ class AttemptSummary:
     retry_in: float | None = None
     operator_error: bool = False
     cost_usd: float | None = None
+    previews: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ProcessorConfig:
     lease_seconds: float
     log_prompts: bool
     retry_policy: RetryPolicy
+    #: previews for requests that do not ask (IMAGE_LISTENER_PARTIAL_IMAGES)
+    default_partial_images: int = 0
 
 
 class JobProcessor:
@@ -89,13 +93,22 @@ class JobProcessor:
         # log line of this attempt, the provider retries' included.
         structlog.contextvars.bind_contextvars(request_id=str(job.request_id), attempt=job.attempt)
         summary = AttemptSummary()
+        previews = PreviewWriter(
+            job, store=self._store, storage=self._storage, worker_id=self._config.worker_id
+        )
         try:
-            await self._attempt(job, started, summary, lease)
+            await self._attempt(job, started, summary, lease, previews)
+        except PreviewRefused as refused:  # the request was deleted, or the lease is gone
+            summary.outcome = (
+                "cancelled" if refused.result is WriteResult.CANCELLED else "lease_lost"
+            )
         except ImageListenerError as exc:
             await self._record_failure(job, exc, started, summary)
         except Exception as exc:  # a bug of ours: keep the stack for operators, not the user
             log.exception("request_attempt_crashed")
             await self._record_failure(job, exc, started, summary)
+        summary.previews = previews.shown
+        await previews.remove(summary.outcome)
         duration = self._clock() - started
         self._report(job, summary, duration)
         return summary.outcome
@@ -114,6 +127,8 @@ class JobProcessor:
         if usage is not None:
             fields["input_tokens"] = usage.input_tokens
             fields["output_tokens"] = usage.output_tokens
+        if summary.previews:
+            fields["previews"] = summary.previews
         if summary.outcome == "complete":
             # priced by the database; null for a model without a price (doctor says so too)
             fields["cost_usd"] = summary.cost_usd
@@ -143,12 +158,19 @@ class JobProcessor:
         started: float,
         summary: AttemptSummary,
         lease: Lease | None,
+        previews: PreviewWriter,
     ) -> None:
         config = self._config
-        params = generation_params(job, model=config.model, default_size=config.default_size)
+        params = generation_params(
+            job,
+            model=config.model,
+            default_size=config.default_size,
+            default_partial_images=config.default_partial_images,
+        )
         # (debug only: bench/ times the wake-up to this line, as the peers time handler entry)
         log.debug("generation_started")
-        image = await self._generator.generate(params)
+        on_partial = previews.show if params.partial_images else None
+        image = await self._generator.generate(params, on_partial)
         summary.usage = image.usage
         # Fence before touching storage: a worker that lost its lease must not overwrite the
         # image the new holder may already have stored at the same path. Within the trusted

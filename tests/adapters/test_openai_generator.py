@@ -17,6 +17,7 @@ import time
 import traceback
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import openai
@@ -32,8 +33,9 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from core.models import GeneratedImage, GenerationParams
+from core.models import GeneratedImage, GenerationParams, PartialImage
 from core.png import read_png_size
+from core.ports import PartialSink
 from core.retry import GiveUp, RetryLater, RetryPolicy, decide_after_failure
 from listener.generators import openai as openai_generator
 from listener.generators.openai import (
@@ -477,7 +479,9 @@ class _Broken:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def generate(self, params: GenerationParams) -> GeneratedImage:
+    async def generate(
+        self, params: GenerationParams, on_partial: PartialSink | None = None
+    ) -> GeneratedImage:
         self.calls += 1
         raise KeyError("unexpected")
 
@@ -703,3 +707,97 @@ def test_reported_format_and_usage_are_taken_only_when_well_formed() -> None:
     assert image.usage.input_tokens is None
     assert image.usage.output_tokens is None
     assert image.usage.total_tokens is None
+
+
+# --- streamed generations (partial images) -----------------------------------------------------
+
+
+class Partials:
+    """An ``on_partial`` that keeps what it is handed, with the time it arrived."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[int, int, float]] = []
+
+    async def __call__(self, partial: PartialImage) -> None:
+        self.received.append((partial.index, len(partial.data), time.time()))
+        assert read_png_size(partial.data) == (128, 128)
+
+
+def streamed(prompt: str, partials: int = 2) -> GenerationParams:
+    return replace(params(prompt), partial_images=partials)
+
+
+async def test_a_stream_hands_over_each_partial_image_then_returns_the_final_one(
+    fake: FakeOpenAI, generator: OpenAIImageGenerator
+) -> None:
+    sink = Partials()
+    prompt = "a lighthouse [fake:partial-every=0.05]"
+    image = await generator.generate(streamed(prompt, 3), sink)
+    assert [index for index, _, _ in sink.received] == [0, 1, 2]
+    assert read_png_size(image.data) == (1024, 1024)
+    assert image.usage.output_tokens == 272
+    assert image.usage.input_text_tokens == len(prompt.split())
+    assert fake.last_request(prompt).body["stream"] is True
+    assert fake.last_request(prompt).body["partial_images"] == 3
+    sent = [at for _, at in fake.partials_sent(prompt)]
+    arrived = [at for _, _, at in sink.received]
+    assert all(0 <= a - s < 0.05 for s, a in zip(sent, arrived, strict=True))
+
+
+async def test_without_a_sink_or_with_zero_partials_the_call_is_not_streamed(
+    fake: FakeOpenAI, generator: OpenAIImageGenerator
+) -> None:
+    await generator.generate(streamed("no sink", 2))
+    await generator.generate(streamed("zero", 0), Partials())
+    assert "stream" not in fake.last_request("no sink").body
+    assert "stream" not in fake.last_request("zero").body
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ("moderation", PolicyRefusal),
+        ("server", ProviderUnavailable),
+        ("flat-moderation", PolicyRefusal),
+        ("flat", ProviderUnavailable),
+        ("unknown", ProviderUnavailable),
+        ("end", ProviderUnavailable),
+        ("cut", ProviderUnavailable),
+    ],
+)
+async def test_a_stream_that_fails_midway_maps_to_the_usual_outcome(
+    generator: OpenAIImageGenerator, fault: str, error: type[Exception]
+) -> None:
+    """Moderation mid-stream is a refusal (no retry); the rest is transient (retried). An
+    error event the SDK yields silently, an unknown event and a stream without its completed
+    event are never taken for an image."""
+    sink = Partials()
+    with pytest.raises(error):
+        await generator.generate(streamed(f"x [fake:stream-fail={fault}:after=1]"), sink)
+    assert [index for index, _, _ in sink.received] == [0]
+
+
+async def test_what_the_sink_raises_stops_the_stream_and_comes_out_unchanged(
+    fake: FakeOpenAI, generator: OpenAIImageGenerator
+) -> None:
+    class Stop(Exception):
+        pass
+
+    async def refuse(partial: PartialImage) -> None:
+        raise Stop
+
+    prompt = "stop me [fake:partial-every=0.2]"
+    with pytest.raises(Stop):
+        await generator.generate(streamed(prompt, 3), refuse)
+    await asyncio.sleep(0.5)
+    assert len(fake.partials_sent(prompt)) < 3, "the stream was closed, not read to its end"
+
+
+async def test_a_failed_stream_is_retried_whole_by_the_retry_layer(
+    fake: FakeOpenAI, generator: OpenAIImageGenerator
+) -> None:
+    sink = Partials()
+    prompt = "once more [fake:fail=500]"
+    image = await retrying(generator, RecordingSleep()).generate(streamed(prompt), sink)
+    assert read_png_size(image.data) == (1024, 1024)
+    assert fake.calls(prompt) == 2

@@ -42,7 +42,7 @@ from tests.support.worker_rig import Rig
 Conn = psycopg.Connection[dict[str, Any]]
 
 MAX_PROMPT = 32_000
-ALLOWED_KEYS = ("size", "quality", "background", "output_format")
+ALLOWED_KEYS = ("size", "quality", "background", "output_format", "partial_images")
 CHOICES = {
     "quality": ("low", "medium", "high", "auto"),
     "background": ("transparent", "opaque", "auto"),
@@ -59,9 +59,12 @@ INSERT = (
 NOT_AN_OBJECT = "options must be a JSON object"
 SIZE_SHAPE = 'option size must be "auto" or "WIDTHxHEIGHT" such as "1024x1024"'
 UNKNOWN_OPTION = re.compile(
-    r"unknown image option\(s\): .*; allowed: size, quality, background, output_format", re.S
+    r"unknown image option\(s\): .*; allowed: size, quality, background, output_format,"
+    r" partial_images",
+    re.S,
 )
 TRANSPARENT_JPEG = "a transparent background needs output_format png or webp"
+PARTIAL_IMAGES = "option partial_images must be a whole number from 0 to 3"
 CHOICE = {
     key: f"option {key} must be one of {', '.join(allowed)}" for key, allowed in CHOICES.items()
 }
@@ -119,6 +122,11 @@ def contract_refusals(prompt: str, options: object) -> set[str | re.Pattern[str]
             problems.add(CHOICE[key])
     if options.get("background") == "transparent" and options.get("output_format") == "jpeg":
         problems.add(TRANSPARENT_JPEG)
+    if "partial_images" in options:
+        value = options["partial_images"]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or value not in (0, 1, 2, 3):
+            problems.add(PARTIAL_IMAGES)
     return problems
 
 

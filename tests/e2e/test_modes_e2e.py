@@ -58,18 +58,52 @@ def test_a_watcher_of_the_reply_row_sees_queued_then_generating_then_complete(
     assert queued["status"] == "queued"
     assert rig.position(user, request) == 1
     assert rig.position(user, ahead) == 0
-    rig.start()
-    seen: list[str] = []
+    rig.start()  # (returns once it listens: it may have claimed already)
+    seen: list[str] = [queued["status"]]
     deadline = time.monotonic() + 20
-    while not seen or seen[-1] not in ("complete", "failed"):
+    while seen[-1] not in ("complete", "failed"):
         assert time.monotonic() < deadline, seen
         [row] = reply_of(rig.db, request)
         assert row["id"] == queued["id"], "one reply row throughout"
-        if not seen or seen[-1] != row["status"]:
+        if seen[-1] != row["status"]:
             seen.append(row["status"])
         time.sleep(0.02)
     assert seen == ["queued", "generating", "complete"]
     assert rig.position(user, request) is None
+
+
+def test_previews_show_on_the_reply_before_the_final_image_and_are_cleaned_up(
+    rig: ModeRig,
+) -> None:
+    """partial_images 2: the watcher of the one reply row sees 'generating' with a
+    preview_url it can open (metadata.preview_index says which), then 'complete' with the
+    image, preview_url null and the preview objects gone from storage."""
+    rig.start()
+    user, chat = new_chat(rig.db)
+    request = rig.insert_request(
+        user, chat, "a slow sunrise [fake:partial-every=0.4]", {"partial_images": 2}
+    )
+    previews: dict[str, int] = {}
+    opened: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 20
+    while True:
+        assert time.monotonic() < deadline, previews
+        [row] = reply_of(rig.db, request)
+        if row["status"] == "complete":
+            break
+        url = row["preview_url"]
+        if url and url not in previews:
+            assert row["status"] == "generating"
+            previews[url] = row["metadata"]["preview_index"]
+            opened.append(read_png_size(rig.fetch_image(url)))
+        time.sleep(0.02)
+    assert sorted(previews.values()) == [0, 1]
+    assert opened == [(128, 128), (128, 128)]
+    assert row["preview_url"] is None
+    assert read_png_size(rig.fetch_image(row["image_url"])) == (1024, 1024)
+    _wait_until(lambda: not any(".preview-" in path for path in rig.stored_images()))
+    [stored] = rig.stored_images()  # (the Supabase stand-in prefixes the bucket)
+    assert stored.endswith(f"{user}/{chat}/{request}.png")
 
 
 def test_requests_inserted_while_down_are_served_on_start(rig: ModeRig) -> None:

@@ -112,6 +112,8 @@ VALID_OPTIONS = [
         {"size": "1024x1024", "quality": "high", "background": "opaque", "output_format": "webp"},
         id="all-four",
     ),
+    pytest.param({"partial_images": 0}, id="no-previews"),
+    pytest.param({"partial_images": 3}, id="three-previews"),
 ]
 
 
@@ -190,6 +192,21 @@ BAD_REQUESTS = [
         id="inner-whitespace-counts",
     ),
     pytest.param({"options": {"n": 2}}, "unknown image option(s): n; allowed:", id="unknown-key"),
+    *(
+        pytest.param(
+            {"options": {"partial_images": value}},
+            "option partial_images must be a whole number from 0 to 3",
+            id=f"partial-images-{name}",
+        )
+        for name, value in (
+            ("4", 4),
+            ("negative", -1),
+            ("fraction", 1.5),
+            ("text", "2"),
+            ("true", True),
+            ("null", None),
+        )
+    ),
     pytest.param(
         {"options": {"Size": "1024x1024"}}, "unknown image option(s): Size", id="key-wrong-case"
     ),

@@ -5,6 +5,7 @@ and a request's owner can ask its place in line."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ def test_claim_turns_the_same_reply_into_generating_and_release_puts_it_back(db:
     [generating] = reply_of(db, request)
     assert generating["id"] == queued["id"] == job["reply_id"]
     assert (generating["status"], generating["content"]) == ("generating", "Generating image...")
+    # when the work began (its created_at is the insert's): stamped as it turns 'generating'
+    started = datetime.fromisoformat(generating["metadata"]["started_at"])
+    assert started >= queued["created_at"]
     result = db.execute(
         "select public.image_jobs_release(%s, 'w', %s) as r", (request, job["attempt"])
     ).fetchone()
@@ -156,3 +160,57 @@ def test_requests_queued_before_the_upgrade_get_their_queued_reply(
             assert (reply["id"], reply["status"]) == (job["reply_id"], "generating")
     finally:
         pg_server.drop(name)
+
+
+def preview(db: Conn, job: dict[str, Any], worker: str, url: str, index: int) -> str:
+    row = db.execute(
+        "select public.image_jobs_preview(%s, %s, %s, %s, %s) as r",
+        (job["request_id"], worker, job["attempt"], url, index),
+    ).fetchone()
+    assert row is not None
+    return str(row["r"])
+
+
+def test_only_the_lease_holder_shows_a_preview_and_it_goes_when_the_reply_moves_on(
+    db: Conn,
+) -> None:
+    user, chat = new_chat(db)
+    request = insert_request(db, user, chat, "previewed", {"partial_images": 2})
+    [job] = claim(db)
+    assert preview(db, job, "someone-else", "file:///stolen.png", 0) == "lease_lost"
+    assert preview(db, job, "w", "file:///p0.png", 0) == "previewed"
+    [reply] = reply_of(db, request)
+    assert (reply["preview_url"], reply["metadata"]["preview_index"]) == ("file:///p0.png", 0)
+    assert preview(db, job, "w", "file:///p1.png", 1) == "previewed"
+    db.execute(
+        "select * from public.image_jobs_complete_priced(%s, 'w', %s, 'file:///final.png',"
+        " '{}'::jsonb)",
+        (request, job["attempt"]),
+    )
+    [done] = reply_of(db, request)
+    assert (done["status"], done["image_url"], done["preview_url"]) == (
+        "complete",
+        "file:///final.png",
+        None,
+    )
+    assert preview(db, job, "w", "file:///late.png", 2) == "lease_lost"
+    assert reply_of(db, request)[0]["preview_url"] is None
+
+
+def test_a_preview_of_a_deleted_request_answers_cancelled(db: Conn) -> None:
+    user, chat = new_chat(db)
+    request = insert_request(db, user, chat, "deleted while previewing")
+    [job] = claim(db)
+    with as_user(db, user):
+        db.execute("delete from public.messages where id = %s", (request,))
+    assert preview(db, job, "w", "file:///p0.png", 0) == "cancelled"
+
+
+def test_a_user_cannot_insert_a_message_that_names_a_preview(db: Conn) -> None:
+    user, chat = new_chat(db)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege), as_user(db, user):
+        db.execute(
+            "insert into public.messages (chat_id, role, content, message_type, preview_url)"
+            " values (%s, 'user', 'x', 'image', 'https://evil.example/p.png')",
+            (chat,),
+        )

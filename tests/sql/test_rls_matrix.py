@@ -371,12 +371,15 @@ SERVICE_ROLE_FUNCTIONS = (
     "image_usage",
     "image_prices_set",
     "image_prices",
+    # previews (the fenced write of a partial image)
+    "image_jobs_preview",
 )
 
 #: every function the migrations create in public and image_queue, by qualified name
 FUNCTION_MATRIX: dict[str, dict[str, Outcome]] = {
     "public.messages_validate": _nobody("messages_validate"),
     "public.messages_require_own_chat": _nobody("messages_require_own_chat"),
+    "public.messages_status_changed": _nobody("messages_status_changed"),
     "public.messages_touch_updated_at": _nobody("messages_touch_updated_at"),
     # image_queue is not even USAGE-able by the API roles, so its functions fail on the schema
     "image_queue.enqueue_image_request": {role: NO_QUEUE_SCHEMA for role in ROLES},

@@ -13,6 +13,11 @@ or as a process (the first stdout line is the base URL; SIGTERM/SIGINT stop it):
                                 [--fault-rate 0.2 --fault-seed 7 --fault-hang 30]
                                 [--image-bytes 1500000]
 
+With ``"stream": true`` the answer is server-sent events, as the real API sends them:
+``partial_images`` (0..3) ``image_generation.partial_image`` events (small PNGs, 1/8 of the
+size) and then ``image_generation.completed`` with the image and usage; each sent partial is
+recorded with its time (:meth:`FakeOpenAI.partials_sent`, ``GET /_fake/partials``).
+
 ``POST /v1/images/generations`` answers like the real API: ``{"created", "data": [{"b64_json"}],
 "usage", "background", "output_format", "quality", "size"}`` with an ``x-request-id`` header. The
 image is a solid PNG of the requested size (1024x1024 for ``auto`` or no size), whatever the
@@ -37,6 +42,9 @@ Directives (anywhere in the prompt, each in its own brackets)::
     [fake:moderation]           sugar: status=moderation
     [fake:bad-b64]              sugar: status=bad-b64
     [fake:kill-caller]          sugar: status=kill-caller
+    [fake:partial-every=S]      streams: S seconds before each partial image and the last event
+    [fake:stream-fail=KIND]     streams: KIND (STREAM_FAULTS) instead of finishing; with
+                                ``:after=N``, after N partial images (default 0)
 
     STEP := HEAD (":" KEY "=" VALUE)*
     HEAD := a 3-digit HTTP status (an OpenAI-shaped error with a typical code for that status)
@@ -150,6 +158,11 @@ class Script:
     steps: tuple[Step, ...] = ()
     always: Step | None = None
     delay: float = 0.0
+    #: streams: seconds before each partial image and before the completed event
+    partial_every: float = 0.0
+    #: streams: what goes wrong, after how many partial images (see STREAM_FAULTS)
+    stream_fault: str | None = None
+    stream_fault_after: int = 0
 
     def step_for(self, call_number: int) -> Step:
         """The step for the ``call_number``-th (1-based) call of this prompt."""
@@ -211,6 +224,13 @@ _NAMED_STEPS: dict[str, Step] = {
 #: the server-wide fault kinds, drawn evenly for ``fault_rate`` of the would-be successes
 FAULT_KINDS = ("429", "500", "hang", "drop")
 
+#: what ``[fake:stream-fail=KIND:after=N]`` does after N partial images, instead of finishing:
+#: moderation / server send an error event with a nested ``error`` object (the SDK raises
+#: it), flat-moderation / flat send a flat ``{"type": "error", "code": ...}`` event (the SDK
+#: yields it silently), unknown an event of a type nobody knows, end closes the stream without
+#: the completed event, cut drops the connection in the middle of a frame
+STREAM_FAULTS = ("moderation", "server", "flat-moderation", "flat", "unknown", "end", "cut")
+
 
 def parse_step(text: str) -> Step:
     """Parse one STEP (see the module docstring)."""
@@ -252,6 +272,7 @@ def parse_directives(prompt: str) -> Script:
     steps: list[Step] = []
     always: Step | None = None
     delay = 0.0
+    stream: dict[str, Any] = {}
     for match in matches:
         name, value = match.group(1), match.group(2)
         if name == "fail" and value:
@@ -266,9 +287,17 @@ def parse_directives(prompt: str) -> Script:
             steps.append(Step("hang", seconds=_number(value)))
         elif name in ("moderation", "bad-b64", "kill-caller") and not value:
             always = _NAMED_STEPS[name]
+        elif name == "partial-every" and value:
+            stream["partial_every"] = _number(value)
+        elif name == "stream-fail" and value:
+            kind, _, after = value.partition(":after=")
+            if kind not in STREAM_FAULTS:
+                raise DirectiveError(f"unknown stream fault {kind!r}")
+            stream["stream_fault"] = kind
+            stream["stream_fault_after"] = int(_number(after)) if after else 0
         else:
             raise DirectiveError(f"unknown directive [fake:{match.group(0)[6:-1]}]")
-    return Script(steps=tuple(steps), always=always, delay=delay)
+    return Script(steps=tuple(steps), always=always, delay=delay, **stream)
 
 
 def _number(value: str) -> float:
@@ -357,6 +386,7 @@ class FakeOpenAI:
         self._successes: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
         self._kills: list[int] = []
+        self._partials: list[tuple[str, int, float]] = []
         self._recorded: deque[RecordedRequest] = deque(maxlen=_MAX_RECORDED)
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
@@ -449,6 +479,11 @@ class FakeOpenAI:
         with self._lock:
             return sum(self._faults.values())
 
+    def partials_sent(self, prompt: str | None = None) -> list[tuple[int, float]]:
+        """``(index, time.time())`` of each partial image streamed (for this prompt)."""
+        with self._lock:
+            return [(i, at) for p, i, at in self._partials if prompt is None or p == prompt]
+
     def kills(self) -> list[int]:
         """The pids that ``kill-caller`` sent SIGKILL to, in order."""
         with self._lock:
@@ -475,6 +510,7 @@ class FakeOpenAI:
             self._successes.clear()
             self._faults.clear()
             self._kills.clear()
+            self._partials.clear()
 
     # -- used by the handler -----------------------------------------------------------------
 
@@ -500,6 +536,14 @@ class FakeOpenAI:
         if kind == "hang":
             return Step("hang", seconds=self.fault_hang_seconds)
         return Step("drop")
+
+    def _partials_snapshot(self) -> list[tuple[str, int, float]]:
+        with self._lock:
+            return list(self._partials)
+
+    def _record_partial(self, prompt: str, index: int) -> None:
+        with self._lock:
+            self._partials.append((prompt, index, time.time()))
 
     def _count_success(self, prompt: str) -> None:
         with self._lock:
@@ -594,6 +638,14 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif self.path == "/_fake/requests":
             self._send_json(200, [r.body for r in fake.requests()])
+        elif self.path == "/_fake/partials":
+            self._send_json(
+                200,
+                [
+                    {"prompt": p, "index": i, "sent_at": at}
+                    for p, i, at in fake._partials_snapshot()
+                ],
+            )
         elif self.path == "/_fake/received":
             self._send_json(
                 200, [{"prompt": r.prompt, "received_at": r.received_at} for r in fake.requests()]
@@ -678,6 +730,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_partial(step)
             return
         width, height = _validate(body, prompt)
+        if body.get("stream") is True and step.kind == "ok":
+            if self._send_stream(body, prompt, width, height, script):
+                fake._count_success(prompt)
+            return
         fake._sleep(fake._generation_delay())
         self._send_image(body, prompt, width, height, step.kind)
         if step.kind == "ok":
@@ -764,6 +820,84 @@ class _Handler(BaseHTTPRequestHandler):
             headers["retry-after-ms"] = step.retry_after_ms
         error = {"message": step.message, "type": step.type, "param": step.param, "code": step.code}
         self._send_json(step.status, {"error": error}, headers)
+
+    def _send_stream(
+        self, body: dict[str, Any], prompt: str, width: int, height: int, script: Script
+    ) -> bool:
+        """Server-sent events: ``partial_images`` partial images, ``partial_every`` seconds
+        apart, then the completed event with usage; or the scripted stream fault. Whether the
+        image was sent. The connection closes at the end (no content length)."""
+        fake = self.server.fake
+        partials = body.get("partial_images") or 0
+        if not isinstance(partials, int) or not 0 <= partials <= 3:
+            raise _invalid("partial_images", "partial_images must be between 0 and 3.")
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("x-request-id", f"req_fake_{uuid.uuid4().hex}")
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        quality = body.get("quality") or "auto"
+        common = {
+            "created_at": int(time.time()),
+            "background": "opaque",
+            "output_format": body.get("output_format") or "png",
+            "quality": "medium" if quality == "auto" else quality,
+            "size": f"{width}x{height}",
+        }
+        fake._sleep(fake._generation_delay())
+        for index in range(partials):
+            if script.stream_fault and index == script.stream_fault_after:
+                return self._stream_fault(script.stream_fault)
+            fake._sleep(script.partial_every)
+            self._send_event(
+                {
+                    "type": "image_generation.partial_image",
+                    "b64_json": _png_b64(max(16, width // 8), max(16, height // 8)),
+                    "partial_image_index": index,
+                    **common,
+                }
+            )
+            fake._record_partial(prompt, index)
+        if script.stream_fault:
+            return self._stream_fault(script.stream_fault)
+        fake._sleep(script.partial_every)
+        input_tokens = len(prompt.split())
+        output_tokens = _OUTPUT_TOKENS.get(common["quality"], 1056)
+        self._send_event(
+            {
+                "type": "image_generation.completed",
+                "b64_json": _png_b64(width, height, fake.image_bytes),
+                **common,
+                "usage": {
+                    "input_tokens": input_tokens,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": input_tokens},
+                    "output_tokens": output_tokens,
+                    "total_tokens": input_tokens + output_tokens,
+                },
+            }
+        )
+        return True
+
+    def _stream_fault(self, kind: str) -> bool:
+        if kind in ("moderation", "server"):
+            code = "moderation_blocked" if kind == "moderation" else "server_error"
+            error = {"type": "image_generation_user_error", "code": code, "message": "Scripted."}
+            self._send_event({"type": "error", "error": error})
+        elif kind in ("flat-moderation", "flat"):
+            code = "moderation_blocked" if kind == "flat-moderation" else "server_error"
+            self._send_event({"type": "error", "code": code, "message": "Scripted."})
+        elif kind == "unknown":
+            self._send_event({"type": "image_generation.mystery", "b64_json": ""})
+        elif kind == "cut":
+            self.wfile.write(b'data: {"type": "image_generation.partial_im')
+            self.wfile.flush()
+        return False
+
+    def _send_event(self, event: dict[str, Any]) -> None:
+        frame = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+        self.wfile.write(frame)
+        self.wfile.flush()
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         self._send_raw(status, json.dumps(payload).encode(), "application/json", headers)

@@ -109,3 +109,25 @@ def test_claimed_job_reads_postgrest_json_rows() -> None:
         "lease_expires_at": native.lease_expires_at.isoformat(),
     }
     assert ClaimedJob.from_row(row) == native
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [({}, 2), ({"partial_images": 0}, 0), ({"partial_images": 3}, 3), ({"partial_images": 1.0}, 1)],
+)
+def test_partial_images_comes_from_the_request_or_the_default(
+    options: dict[str, Any], expected: int
+) -> None:
+    params = generation_params(
+        job(**options), model="m", default_size="1024x1024", default_partial_images=2
+    )
+    assert params.partial_images == expected
+
+
+@pytest.mark.parametrize("value", [4, -1, 1.5, "2", True])
+def test_partial_images_outside_0_to_3_is_refused_with_a_user_safe_reason(value: object) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        generation_params(job(partial_images=value), model="m", default_size="1024x1024")
+    assert refused.value.public_message == (
+        "The option partial_images must be a whole number from 0 to 3."
+    )

@@ -9,6 +9,7 @@
         ├── InvalidRequest        the user's request cannot be served as asked
         ├── PolicyRefusal         the provider's safety system refused the prompt
         ├── UnsafeStoragePath     a storage path that would escape its root (a bug)
+        ├── StoredObjectMissing   an object to read is not in storage (an input image)
         └── OperatorError         our configuration is wrong (bad key, unknown model, no quota)
             └── StorageMisconfigured
 
@@ -127,6 +128,14 @@ class StorageMisconfigured(OperatorError):
     """Image storage refuses us (permissions, read-only filesystem, missing bucket, bad key)."""
 
     code = "storage_misconfigured"
+
+
+class StoredObjectMissing(PermanentError):
+    """An object to read is not in storage (an input image that was never uploaded, or was
+    deleted): another try finds it missing too. The reader names which, for the user."""
+
+    public_message = "An input image was not found."
+    code = "input_missing"
 
 
 class UnsafeStoragePath(PermanentError):

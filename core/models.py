@@ -50,6 +50,37 @@ class ClaimedJob:
 
 
 @dataclass(frozen=True)
+class EditSpec:
+    """What an edit starts from, as the request's options give it (checked)."""
+
+    #: a complete image reply of the same chat: its image is the first input
+    edit_of: UUID | None = None
+    #: the user's uploads, object paths in their folder of the input store, in order
+    references: tuple[str, ...] = ()
+    #: a PNG in the input store whose transparent pixels mark what to change (first input)
+    mask: str | None = None
+    input_fidelity: str | None = None
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image sent to an edit: ``name`` is the file name of its multipart part."""
+
+    name: str
+    data: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """The images of one edit, read once per attempt: the edited image first, then the
+    references in order; the mask applies to the first."""
+
+    images: tuple[InputImage, ...]
+    mask: InputImage | None = None
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Exactly what is sent to the image model for one request."""
 
@@ -63,6 +94,8 @@ class GenerationParams:
     safety_identifier: str | None = None
     #: partial images to stream while generating (0: one plain call, no previews)
     partial_images: int = 0
+    #: an edit's inputs (images.edit); None for a generation from the prompt alone
+    edit: EditSpec | None = None
 
 
 @dataclass(frozen=True)

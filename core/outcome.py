@@ -44,6 +44,22 @@ def completion_metadata(
             "bytes": stored.size_bytes,
         },
         "provider_request_id": image.provider_request_id,
+        **_edit_fields(params),
+    }
+
+
+def _edit_fields(params: GenerationParams) -> dict[str, Any]:
+    """What an edit was made from (ids and the user's own paths, never image bytes)."""
+    if params.edit is None:
+        return {}
+    edit = params.edit
+    return {
+        "edit": {
+            "edit_of": None if edit.edit_of is None else str(edit.edit_of),
+            "references": list(edit.references),
+            "mask": edit.mask is not None,
+            "input_fidelity": edit.input_fidelity,
+        }
     }
 
 

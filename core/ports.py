@@ -9,7 +9,14 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
 
-from core.models import ClaimedJob, GeneratedImage, GenerationParams, PartialImage, StoredImage
+from core.models import (
+    ClaimedJob,
+    EditInputs,
+    GeneratedImage,
+    GenerationParams,
+    PartialImage,
+    StoredImage,
+)
 
 if TYPE_CHECKING:  # core does no asyncio; the event is only named in a signature
     import asyncio
@@ -24,11 +31,14 @@ class ImageGenerator(Protocol):
     whatever ``on_partial`` raises, unchanged)."""
 
     async def generate(
-        self, params: GenerationParams, on_partial: PartialSink | None = None
+        self,
+        params: GenerationParams,
+        on_partial: PartialSink | None = None,
+        inputs: EditInputs | None = None,
     ) -> GeneratedImage:
         """Run one generation call (no retries: the caller owns the retry policy). With
         ``params.partial_images`` and ``on_partial``, the previews are handed over as they
-        come; a generator that cannot stream ignores them."""
+        come; a generator that cannot stream ignores them. With ``inputs`` it is an edit."""
         ...
 
 
@@ -48,6 +58,11 @@ class ImageStorage(Protocol):
 
     async def remove(self, location: str) -> None:
         """Delete a stored image; removing one that is already gone is not an error."""
+        ...
+
+    async def read(self, location: str) -> bytes:
+        """The bytes stored at ``location``; :class:`~core.errors.StoredObjectMissing` when
+        there is nothing there."""
         ...
 
 
@@ -138,6 +153,10 @@ class JobStore(Protocol):
 
     async def release(self, job: ClaimedJob, worker: str) -> WriteResult:
         """Hand the job back without counting the attempt."""
+        ...
+
+    async def image_of_reply(self, reply_id: UUID) -> Mapping[str, Any] | None:
+        """Where a complete image reply's image is stored (``metadata.storage``), or None."""
         ...
 
     async def next_due(self) -> datetime | None:

@@ -16,12 +16,27 @@ import hashlib
 import re
 from collections.abc import Mapping
 from typing import Any
+from uuid import UUID
 
 from core.errors import InvalidRequest
-from core.models import IMAGE_FORMATS, ClaimedJob, GenerationParams
+from core.models import IMAGE_FORMATS, ClaimedJob, EditSpec, GenerationParams
 
 MAX_PROMPT_CHARS = 32_000
-ALLOWED_OPTIONS = ("size", "quality", "background", "output_format", "partial_images")
+ALLOWED_OPTIONS = (
+    "size",
+    "quality",
+    "background",
+    "output_format",
+    "partial_images",
+    "edit_of",
+    "references",
+    "mask",
+    "input_fidelity",
+)
+#: the Images API takes at most 16 input images
+MAX_REFERENCES = 16
+REFERENCE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+INPUT_FIDELITIES = ("low", "high")
 #: the Images API streams at most three partial images
 MAX_PARTIAL_IMAGES = 3
 QUALITIES = ("low", "medium", "high", "auto")
@@ -83,6 +98,67 @@ def _partial_images(options: Mapping[str, Any], default: int) -> int:
     return int(value)
 
 
+def edit_spec(options: Mapping[str, Any], user_id: UUID) -> EditSpec | None:
+    """The edit a request asks for, or None: the rules of the database's insert check, but
+    for ``edit_of`` only the shape (the reply itself is checked against the database when the
+    listener loads it)."""
+    if not any(key in options for key in ("edit_of", "references", "mask", "input_fidelity")):
+        return None
+    edit_of = options.get("edit_of")
+    source: UUID | None = None
+    if edit_of is not None:
+        try:
+            source = UUID(edit_of) if isinstance(edit_of, str) else None
+        except ValueError:
+            source = None
+        if source is None:
+            raise _bad_option("edit_of", "must be the id of a complete image reply in this chat")
+    references = options.get("references")
+    paths: tuple[str, ...] = ()
+    if references is not None:
+        if not isinstance(references, list) or not 1 <= len(references) <= MAX_REFERENCES:
+            raise _bad_option("references", "must be a list of 1 to 16 object paths")
+        paths = tuple(
+            _input_path("references", p, user_id, REFERENCE_EXTENSIONS) for p in references
+        )
+    mask = options.get("mask")
+    if mask is not None:
+        if source is None and not paths:
+            raise _bad_option("mask", "needs edit_of or references")
+        mask = _input_path("mask", mask, user_id, ("png",))
+    if source is None and not paths:
+        raise _bad_option("input_fidelity", "needs edit_of or references")
+    return EditSpec(
+        edit_of=source,
+        references=paths,
+        mask=mask,
+        input_fidelity=_choice(options, "input_fidelity", INPUT_FIDELITIES),
+    )
+
+
+def _input_path(key: str, path: object, user_id: UUID, extensions: tuple[str, ...]) -> str:
+    """``<user_id>/<name>.<ext>``: the user's own folder, no "..", no absolute path, no
+    backslash, no empty part, no control character."""
+    if not isinstance(path, str):
+        raise _bad_option(key, "must hold object paths (strings)")
+    folder = f"{user_id}/"
+    parts = path.split("/")
+    if (
+        not path.startswith(folder)
+        or len(path) > 1024
+        or len(path) == len(folder)
+        or any(part in ("", "..") for part in parts)
+        or "\\" in path
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in path)
+    ):
+        raise _bad_option(key, "must name an object in your own folder (<your user id>/<name>)")
+    name = parts[-1]
+    extension = name.rsplit(".", 1)[1].lower() if "." in name else ""
+    if extension not in extensions:
+        raise _bad_option(key, "must end in ." + ", .".join(extensions))
+    return path
+
+
 def _bad_option(key: str, reason: str) -> InvalidRequest:
     return InvalidRequest(
         f"option {key} rejected: {reason}", public_message=f"The option {key} {reason}."
@@ -124,5 +200,6 @@ def generation_params(
         quality=_choice(options, "quality", QUALITIES),
         background=background,
         partial_images=_partial_images(options, default_partial_images),
+        edit=edit_spec(options, job.user_id),
         safety_identifier=safety_identifier(job.user_id),
     )

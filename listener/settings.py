@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         validation_alias=_env("IMAGE_DIR"),
         description="Directory where generated images are written",
     )
+    input_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("INPUT_DIR"),
+        description="Directory of users' input images for edits (postgres mode); unset is "
+        "inputs/ beside IMAGE_DIR",
+    )
     image_base_url: str | None = Field(
         default=None,
         validation_alias=_env("IMAGE_BASE_URL"),
@@ -303,6 +309,11 @@ class Settings(BaseSettings):
         """Whether IMAGE_LISTENER_HTTP_PORT was set, rather than defaulted: only an explicit
         port that is taken stops start-up."""
         return "http_port" in self.model_fields_set
+
+    @property
+    def input_directory(self) -> Path:
+        """Where users' uploads for edits are read in the postgres mode."""
+        return self.input_dir if self.input_dir is not None else self.image_dir.parent / "inputs"
 
     def require_database_url(self) -> str:
         """The database URL, for commands that cannot run without one."""

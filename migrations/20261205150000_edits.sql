@@ -158,6 +158,11 @@ begin
       raise exception 'option mask needs edit_of or references: it applies to the first input image'
         using errcode = 'check_violation';
     end if;
+    if new.options ? 'input_fidelity'
+       and not (new.options ? 'edit_of' or new.options ? 'references') then
+      raise exception 'option input_fidelity needs edit_of or references: it is about input images'
+        using errcode = 'check_violation';
+    end if;
     if new.options ? 'references' or new.options ? 'mask' then
       select c.user_id into owner_id from public.chats c where c.id = new.chat_id;
       for input in

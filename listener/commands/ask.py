@@ -7,16 +7,18 @@ so it passes through the same RLS policies and validation as a real frontend's i
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
 
-from core.errors import DatabaseUnavailable, InvalidRequest, first_line
+from core.errors import DatabaseUnavailable, InvalidRequest, OperatorError, first_line
 
 DEFAULT_EMAIL = "ask@image-listener.local"
 #: the SQLSTATE of a request refused by a per-user limit (migrations/…_limits_and_prices.sql)
@@ -28,6 +30,7 @@ class Reply:
     """The assistant reply as the frontend would see it."""
 
     request_id: UUID
+    id: UUID
     status: str
     image_url: str | None
     error: str | None
@@ -35,8 +38,8 @@ class Reply:
     metadata: Mapping[str, Any]
 
 
-def submit(conninfo: str, prompt: str, options: Mapping[str, str], email: str) -> UUID:
-    """Create the user and chat if needed, then insert the request through RLS."""
+def ensure_user(conninfo: str, email: str) -> UUID:
+    """The id of the user ``email`` (created as sign-up would, if needed)."""
     try:
         with psycopg.connect(conninfo, row_factory=dict_row, prepare_threshold=None) as conn:
             user = conn.execute(
@@ -44,8 +47,39 @@ def submit(conninfo: str, prompt: str, options: Mapping[str, str], email: str) -
                 " set email = excluded.email returning id",
                 (email,),
             ).fetchone()
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach the database: {first_line(exc)}") from exc
+    assert user is not None
+    user_id: UUID = user["id"]
+    return user_id
+
+
+def put_inputs(input_dir: Path, user: UUID, files: Sequence[Path]) -> list[str]:
+    """Copy local files into the user's folder of the input directory, as a frontend uploads
+    them; their object paths (``<user>/<file name>``), in order."""
+    paths = []
+    for source in files:
+        path = f"{user}/{source.name}"
+        target = input_dir / str(user) / source.name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        except OSError as exc:
+            raise OperatorError(
+                f"cannot copy {source} into {target.parent}: {exc.strerror}"
+            ) from exc
+        paths.append(path)
+    return paths
+
+
+def submit(conninfo: str, prompt: str, options: Mapping[str, object], email: str) -> UUID:
+    """Create the user and chat if needed, then insert the request through RLS."""
+    ensure_user(conninfo, email)
+    try:
+        with psycopg.connect(conninfo, row_factory=dict_row, prepare_threshold=None) as conn:
+            user = conn.execute("select id from auth.users where email = %s", (email,)).fetchone()
             assert user is not None
-            conn.commit()
+            conn.commit()  # the request's own transaction below, as a frontend's
             with conn.transaction():
                 conn.execute("set local role authenticated")
                 conn.execute(
@@ -91,7 +125,7 @@ def wait_for_reply(conninfo: str, request_id: UUID, timeout: float) -> Reply | N
         ) as conn:
             while True:
                 row = conn.execute(
-                    "select status, image_url, error, content, metadata from public.messages"
+                    "select id, status, image_url, error, content, metadata from public.messages"
                     " where reply_to = %s",
                     (request_id,),
                 ).fetchone()

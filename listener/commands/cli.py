@@ -281,6 +281,20 @@ def requeue_stuck(data_dir: Path) -> None:
     show_default=True,
     help="Seconds to wait for the final reply.",
 )
+@click.option("--edit-of", type=click.UUID, help="Edit the image of this reply (same chat).")
+@click.option(
+    "--reference",
+    "references",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="A picture to start from (png/jpg/jpeg/webp); repeatable. Copied into your folder of "
+    "the input store first.",
+)
+@click.option(
+    "--mask",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="A PNG whose transparent pixels mark what to change in the first input image.",
+)
 @dev_data_dir
 def ask(
     prompt: str,
@@ -290,6 +304,9 @@ def ask(
     output_format: str | None,
     email: str,
     timeout: float,
+    edit_of: UUID | None,
+    references: tuple[Path, ...],
+    mask: Path | None,
     data_dir: Path,
 ) -> None:
     """Insert an image request as a frontend would, wait for the reply, print it."""
@@ -300,7 +317,7 @@ def ask(
         conninfo = settings.require_database_url()
     except ImageListenerError as exc:
         raise CommandFailed(f"{first_line(exc)} (ask inserts over SQL)") from exc
-    options = {
+    options: dict[str, object] = {
         key: value
         for key, value in (
             ("size", size),
@@ -311,6 +328,15 @@ def ask(
         if value is not None
     }
     try:
+        if edit_of is not None:
+            options["edit_of"] = str(edit_of)
+        if references or mask is not None:
+            user = asking.ensure_user(conninfo, email)
+            inputs = settings.input_directory
+            if references:
+                options["references"] = asking.put_inputs(inputs, user, references)
+            if mask is not None:
+                [options["mask"]] = asking.put_inputs(inputs, user, [mask])
         request_id = asking.submit(conninfo, prompt, options, email)
         click.echo(f"request {request_id} queued; waiting for the reply...", err=True)
         reply = asking.wait_for_reply(conninfo, request_id, timeout)
@@ -322,6 +348,7 @@ def ask(
         )
     if reply.status == "complete":
         click.echo(f"complete {reply.image_url}")
+        click.echo(f'reply {reply.id} (edit it: ask --edit-of {reply.id} "...")', err=True)
         return
     raise CommandFailed(f"request {request_id} failed: {reply.error}")
 

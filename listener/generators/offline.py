@@ -11,7 +11,7 @@ import hashlib
 import re
 
 from core.errors import InvalidRequest
-from core.models import GeneratedImage, GenerationParams, TokenUsage
+from core.models import EditInputs, GeneratedImage, GenerationParams, TokenUsage
 from core.png import encode_png
 from core.ports import PartialSink
 
@@ -57,10 +57,14 @@ class OfflineImageGenerator:
     """
 
     async def generate(
-        self, params: GenerationParams, on_partial: PartialSink | None = None
+        self,
+        params: GenerationParams,
+        on_partial: PartialSink | None = None,
+        inputs: EditInputs | None = None,
     ) -> GeneratedImage:
         """A placeholder of ``params.size`` ("auto" is 1024x1024), coloured by the prompt's hash.
-        It streams nothing: requests for previews get the final placeholder only."""
+        It streams nothing (requests for previews get the final placeholder only) and draws
+        edits like generations: the input images only show it was asked to edit."""
         width, height = parse_size(params.size)
         data = await asyncio.to_thread(placeholder_png, width, height, params.prompt)
         return GeneratedImage(data=data, output_format="png", usage=TokenUsage())

@@ -17,6 +17,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx2
@@ -31,7 +32,14 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from core.models import IMAGE_FORMATS, GeneratedImage, GenerationParams, PartialImage, TokenUsage
+from core.models import (
+    IMAGE_FORMATS,
+    EditInputs,
+    GeneratedImage,
+    GenerationParams,
+    PartialImage,
+    TokenUsage,
+)
 from core.ports import PartialSink
 
 #: Used when no base URL is configured, so the SDK never falls back to ``OPENAI_BASE_URL``:
@@ -111,17 +119,20 @@ class OpenAIImageGenerator:
         self._decode_slots = asyncio.Semaphore(decode_slots)
 
     async def generate(
-        self, params: GenerationParams, on_partial: PartialSink | None = None
+        self,
+        params: GenerationParams,
+        on_partial: PartialSink | None = None,
+        inputs: EditInputs | None = None,
     ) -> GeneratedImage:
         """One call, no retries; SDK errors come out as :mod:`core.errors` types. With
-        ``params.partial_images`` and ``on_partial`` the call is streamed (see
-        :meth:`_generate_streamed`)."""
+        ``inputs`` the call is ``images.edit`` (multipart: the images as ``image[]`` parts in
+        order, the mask, ``input_fidelity``), else ``images.generate``. With
+        ``params.partial_images`` and ``on_partial`` it is streamed (see :meth:`_streamed`)."""
+        call = _Call.of(params, inputs)
         if params.partial_images > 0 and on_partial is not None:
-            return await self._generate_streamed(params, on_partial)
+            return await self._streamed(call, params, on_partial)
         try:
-            async with self._client.images.with_streaming_response.generate(
-                prompt=params.prompt, model=params.model, n=1, **_optional(params)
-            ) as response:
+            async with call.streaming_response(self._client) as response:
                 request_id = response.request_id
                 async with self._body_slots:
                     async with asyncio.timeout(_BODY_READ_SECONDS):
@@ -138,11 +149,12 @@ class OpenAIImageGenerator:
             # Reading the body comes after the SDK's own error mapping.
             raise _body_read_error(exc) from exc
 
-    async def _generate_streamed(
-        self, params: GenerationParams, on_partial: PartialSink
+    async def _streamed(
+        self, call: _Call, params: GenerationParams, on_partial: PartialSink
     ) -> GeneratedImage:
-        """``stream=True``: each ``image_generation.partial_image`` goes to ``on_partial`` as it
-        arrives, and the ``image_generation.completed`` event is the image.
+        """``stream=True``: each ``*.partial_image`` event goes to ``on_partial`` as it
+        arrives, and the ``*.completed`` event is the image (``image_generation.*`` for a
+        generation, ``image_edit.*`` for an edit).
 
         The SDK's traps, each handled here: a stream is never retried by the SDK (our retry
         layer starts the call over); an error event with a nested ``error`` object is raised as
@@ -153,21 +165,14 @@ class OpenAIImageGenerator:
         raises (the lease is gone, the request deleted) closes the stream and propagates.
         """
         try:
-            stream = await self._client.images.generate(
-                prompt=params.prompt,
-                model=params.model,
-                n=1,
-                stream=True,
-                partial_images=params.partial_images,
-                **_optional(params),
-            )
+            stream = await call.stream(self._client, params.partial_images)
             async with stream:
                 request_id = stream.response.headers.get("x-request-id")
                 async for event in stream:
                     kind = getattr(event, "type", None)
-                    if kind == "image_generation.partial_image":
+                    if kind == f"{call.events}.partial_image":
                         await on_partial(_partial(event, params.output_format))
-                    elif kind == "image_generation.completed":
+                    elif kind == f"{call.events}.completed":
                         return await self._completed(event, request_id, params.output_format)
                     else:
                         raise stream_event_error(event, request_id)
@@ -176,7 +181,7 @@ class OpenAIImageGenerator:
         except (TimeoutError, httpx2.HTTPError) as exc:
             raise _body_read_error(exc) from exc
         raise ProviderUnavailable(
-            "openai images.generate: the stream ended without its completed event"
+            f"openai images.{call.method}: the stream ended without its completed event"
         )
 
     async def _completed(
@@ -225,6 +230,40 @@ def stream_event_error(event: Any, request_id: str | None) -> ImageListenerError
     if code in MODERATION_CODES:
         return PolicyRefusal(detail)
     return ProviderUnavailable(detail)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One Images API call: ``images.generate`` with its keyword arguments, or ``images.edit``
+    with the input images as multipart file parts."""
+
+    method: str
+    events: str
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def of(cls, params: GenerationParams, inputs: EditInputs | None) -> _Call:
+        kwargs: dict[str, Any] = {"prompt": params.prompt, "model": params.model, "n": 1}
+        kwargs |= _optional(params)
+        if inputs is None:
+            return cls("generate", "image_generation", kwargs)
+        images = [(image.name, image.data, image.content_type) for image in inputs.images]
+        kwargs["image"] = images if len(images) > 1 else images[0]
+        if inputs.mask is not None:
+            kwargs["mask"] = (inputs.mask.name, inputs.mask.data, inputs.mask.content_type)
+        fidelity = params.edit.input_fidelity if params.edit is not None else None
+        if fidelity is not None:
+            kwargs["input_fidelity"] = fidelity
+        return cls("edit", "image_edit", kwargs)
+
+    def streaming_response(self, client: openai.AsyncOpenAI) -> Any:
+        """The call with its response taken as a stream of bytes (read under a body slot)."""
+        return getattr(client.images.with_streaming_response, self.method)(**self.kwargs)
+
+    async def stream(self, client: openai.AsyncOpenAI, partial_images: int) -> Any:
+        """The call as server-sent events with ``partial_images`` previews."""
+        method = getattr(client.images, self.method)
+        return await method(**self.kwargs, stream=True, partial_images=partial_images)
 
 
 def _optional(params: GenerationParams) -> dict[str, Any]:

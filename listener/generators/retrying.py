@@ -16,7 +16,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from core.errors import ImageListenerError
-from core.models import GeneratedImage, GenerationParams
+from core.models import EditInputs, GeneratedImage, GenerationParams
 from core.ports import ImageGenerator, PartialSink
 from core.retry import RetryPolicy, retry_within_attempt, wait_before_retry
 from listener.ops.metrics import Metrics
@@ -49,7 +49,10 @@ class RetryingGenerator:
         self._sleep = sleep
 
     async def generate(
-        self, params: GenerationParams, on_partial: PartialSink | None = None
+        self,
+        params: GenerationParams,
+        on_partial: PartialSink | None = None,
+        inputs: EditInputs | None = None,
     ) -> GeneratedImage:
         """Call the wrapped generator until it succeeds or the policy says stop (a stream that
         failed midway starts over, its previews with it)."""
@@ -64,7 +67,7 @@ class RetryingGenerator:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._inner.generate(params, on_partial)
+                return await self._inner.generate(params, on_partial, inputs)
         raise AssertionError("unreachable: tenacity either returns a result or re-raises")
 
     def _should_retry(self, error: BaseException) -> bool:

@@ -178,6 +178,10 @@ class QueueCalls:
             {"p_request_id": job.request_id, "p_worker": worker, "p_attempt": job.attempt},
         )
 
+    async def image_of_reply(self, reply_id: UUID) -> Mapping[str, Any] | None:
+        found = await self._transport.value("image_reply_image", {"p_reply_id": reply_id})
+        return found if isinstance(found, dict) else None
+
     async def next_due(self) -> datetime | None:
         due = await self._transport.value("image_jobs_next_due", {})
         return None if due is None else as_timestamp(due)

@@ -85,6 +85,7 @@ async def _run_worker(
         store=transports.queue,
         generator=RetryingGenerator(generator, policy, metrics=metrics),
         storage=transports.images,
+        inputs=transports.inputs,
         config=ProcessorConfig(
             worker_id=worker_id,
             model=settings.model,

@@ -25,6 +25,7 @@ from core.retry import GiveUp, RetryPolicy, decide_after_failure
 from core.validation import generation_params, safety_identifier
 from listener.ops.logging import prompt_fields
 from listener.ops.metrics import Metrics
+from listener.runtime.edits import load_edit_inputs
 from listener.runtime.previews import PreviewRefused, PreviewWriter
 
 log = structlog.get_logger("listener.processor")
@@ -70,6 +71,7 @@ class JobProcessor:
         generator: ImageGenerator,
         storage: ImageStorage,
         config: ProcessorConfig,
+        inputs: ImageStorage | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: random.Random | None = None,
         metrics: Metrics | None = None,
@@ -77,6 +79,8 @@ class JobProcessor:
         self._store = store
         self._generator = generator
         self._storage = storage
+        #: users' uploads for edits (references, masks); None: edits cannot be served
+        self._inputs = inputs
         self._config = config
         self._clock = clock
         self._rand = rand or random.Random()
@@ -170,7 +174,14 @@ class JobProcessor:
         # (debug only: bench/ times the wake-up to this line, as the peers time handler entry)
         log.debug("generation_started")
         on_partial = previews.show if params.partial_images else None
-        image = await self._generator.generate(params, on_partial)
+        edit_inputs = None
+        if params.edit is not None:
+            if self._inputs is None:
+                raise OperatorError("an edit needs an input store, and none is configured")
+            edit_inputs = await load_edit_inputs(
+                params.edit, queue=self._store, images=self._storage, inputs=self._inputs
+            )
+        image = await self._generator.generate(params, on_partial, edit_inputs)
         summary.usage = image.usage
         # Fence before touching storage: a worker that lost its lease must not overwrite the
         # image the new holder may already have stored at the same path. Within the trusted

@@ -35,7 +35,7 @@ from listener.queue.postgres import SqlTransport, connect_per_call, open_pool
 from listener.queue.postgrest import RpcTransport
 from listener.settings import Mode, Settings
 from listener.storage.local import LocalDirectoryStorage
-from listener.storage.supabase import SupabaseStorage
+from listener.storage.supabase import INPUTS_BUCKET, SupabaseStorage
 from listener.supabase_client import supabase_client
 from listener.wakeups.listen import PgNotificationSource
 from listener.wakeups.polling import PollingOnly
@@ -110,6 +110,8 @@ class Transports:
     queue: QueueCalls
     wakeups: WakeupSource
     images: ImageStorage
+    #: users' uploads for edits: the image-inputs bucket, or the input directory
+    inputs: ImageStorage
 
 
 async def open_transports(
@@ -131,6 +133,7 @@ async def open_transports(
         queue=queue,
         wakeups=wakeup_source(settings, plan),
         images=image_storage(settings, plan, supabase),
+        inputs=input_store(settings, plan, supabase),
     )
 
 
@@ -160,6 +163,17 @@ def image_storage(settings: Settings, plan: Plan, supabase: AsyncClient | None) 
         raise OperatorError("Supabase Storage needs a Supabase client")
     return SupabaseStorage(
         supabase, bucket=settings.storage_bucket, signed_url_seconds=settings.signed_url_seconds
+    )
+
+
+def input_store(settings: Settings, plan: Plan, supabase: AsyncClient | None) -> ImageStorage:
+    """Where users' uploads for edits are read: beside the plan's image store."""
+    if plan.images is ImagesKind.LOCAL:
+        return LocalDirectoryStorage(settings.input_directory, None)
+    if supabase is None:
+        raise OperatorError("Supabase Storage needs a Supabase client")
+    return SupabaseStorage(
+        supabase, bucket=INPUTS_BUCKET, signed_url_seconds=settings.signed_url_seconds
     )
 
 

@@ -19,6 +19,7 @@ from core.errors import (
     OperatorError,
     StorageMisconfigured,
     StorageUnavailable,
+    StoredObjectMissing,
     TransientError,
     UnsafeStoragePath,
 )
@@ -54,6 +55,10 @@ class LocalDirectoryStorage:
     async def remove(self, location: str) -> None:
         """Delete the file at ``location``; a file that is already gone is fine."""
         await asyncio.to_thread(self._remove, location)
+
+    async def read(self, location: str) -> bytes:
+        """The file at ``location`` (never outside the root); missing: StoredObjectMissing."""
+        return await asyncio.to_thread(self._read, location)
 
     def url_for(self, path: str) -> str:
         """The public URL of ``path``: each segment percent-encoded under the base URL."""
@@ -101,6 +106,15 @@ class LocalDirectoryStorage:
         except OSError as exc:
             raise _translate(exc, f"writing {path!r}") from exc
         return target
+
+    def _read(self, location: str) -> bytes:
+        target = self._target(location)
+        try:
+            return target.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise StoredObjectMissing(f"no file at {location!r}") from exc
+        except OSError as exc:
+            raise _translate(exc, f"reading {location!r}") from exc
 
     def _remove(self, location: str) -> None:
         target = self._target(location)

@@ -14,10 +14,17 @@ import httpx
 from storage3.exceptions import StorageApiError
 from supabase import AsyncClient
 
-from core.errors import ImageListenerError, StorageMisconfigured, StorageUnavailable
+from core.errors import (
+    ImageListenerError,
+    StorageMisconfigured,
+    StorageUnavailable,
+    StoredObjectMissing,
+)
 from core.models import GeneratedImage, StoredImage
 
 DEFAULT_BUCKET = "generated-images"
+#: users' input images for edits (created by the migrations, own-folder policy)
+INPUTS_BUCKET = "image-inputs"
 
 
 def translate_storage_error(exc: Exception, action: str) -> ImageListenerError:
@@ -29,6 +36,11 @@ def translate_storage_error(exc: Exception, action: str) -> ImageListenerError:
             return StorageUnavailable(detail)
         return StorageMisconfigured(detail)  # 400/401/403/404: bucket, key or policy
     return StorageUnavailable(f"storage {action} failed: {type(exc).__name__}")
+
+
+def _not_found(exc: StorageApiError) -> bool:
+    """Storage answers a missing object (or one the key may not see) with 400 / "404"."""
+    return str(exc.status) == "404" or str(exc.code).lower() in ("not_found", "nosuchkey")
 
 
 class SupabaseStorage:
@@ -76,6 +88,21 @@ class SupabaseStorage:
             size_bytes=len(image.data),
             bucket=self._bucket,
         )
+
+    async def read(self, location: str) -> bytes:
+        """Download ``location`` from the bucket; missing: StoredObjectMissing."""
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                data = await self._client.storage.from_(self._bucket).download(location)
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"storage download of {location} timed out") from exc
+        except StorageApiError as exc:
+            if _not_found(exc):
+                raise StoredObjectMissing(f"no object {location!r} in {self._bucket}") from exc
+            raise translate_storage_error(exc, "download") from exc
+        except httpx.HTTPError as exc:
+            raise translate_storage_error(exc, "download") from exc
+        return bytes(data)
 
     async def remove(self, location: str) -> None:
         try:

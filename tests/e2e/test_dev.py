@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from core.png import read_png_size, read_png_text
+from core.png import read_png_size, read_png_text, solid_png
 from tests.support.daemon_process import cli
 
 pytestmark = pytest.mark.e2e
@@ -137,3 +137,35 @@ def test_with_no_database_anywhere_the_error_names_both_ways_to_get_one(tmp_path
     assert "DATABASE_URL" in result.stderr
     assert "image-listener dev" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_generate_then_edit_from_the_terminal(dev: DevSession, tmp_path: Path) -> None:
+    """The two-step session of the README: ask, then ask again with --edit-of the reply it
+    printed, a reference picture and a mask (copied into the user's folder of the inputs)."""
+    first = cli("ask", "a lighthouse at dawn", env=dev.env, cwd=dev.checkout)
+    assert first.returncode == 0, first.stderr
+    reply_id = next(
+        line.split()[1] for line in first.stderr.splitlines() if line.startswith("reply ")
+    )
+    reference, mask = tmp_path / "boat.png", tmp_path / "mask.png"
+    reference.write_bytes(solid_png(64, 64))
+    mask.write_bytes(solid_png(1024, 1024))
+    second = cli(
+        "ask",
+        "make it night",
+        "--edit-of",
+        reply_id,
+        "--reference",
+        str(reference),
+        "--mask",
+        str(mask),
+        env=dev.env,
+        cwd=dev.checkout,
+    )
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.startswith("complete file://")
+    uploaded = list((dev.checkout / ".image-listener" / "inputs").rglob("*.png"))
+    assert sorted(path.name for path in uploaded) == ["boat.png", "mask.png"]
+    wrong = cli("ask", "again", "--edit-of", str(uuid.uuid4()), env=dev.env, cwd=dev.checkout)
+    assert wrong.returncode == 1
+    assert "there is no image reply" in wrong.stderr

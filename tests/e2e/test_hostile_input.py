@@ -42,7 +42,20 @@ from tests.support.worker_rig import Rig
 Conn = psycopg.Connection[dict[str, Any]]
 
 MAX_PROMPT = 32_000
-ALLOWED_KEYS = ("size", "quality", "background", "output_format", "partial_images")
+ALLOWED_KEYS = (
+    "size",
+    "quality",
+    "background",
+    "output_format",
+    "partial_images",
+    "edit_of",
+    "references",
+    "mask",
+    "input_fidelity",
+)
+#: the edit options' rules are checked exactly in tests/sql/test_edits.py; here, a refusal of
+#: one of them must at least name it
+EDIT_REFUSAL = re.compile(r"option (edit_of|references|mask|input_fidelity)[ :].*", re.S)
 CHOICES = {
     "quality": ("low", "medium", "high", "auto"),
     "background": ("transparent", "opaque", "auto"),
@@ -60,7 +73,7 @@ NOT_AN_OBJECT = "options must be a JSON object"
 SIZE_SHAPE = 'option size must be "auto" or "WIDTHxHEIGHT" such as "1024x1024"'
 UNKNOWN_OPTION = re.compile(
     r"unknown image option\(s\): .*; allowed: size, quality, background, output_format,"
-    r" partial_images",
+    r" partial_images, edit_of, references, mask, input_fidelity",
     re.S,
 )
 TRANSPARENT_JPEG = "a transparent background needs output_format png or webp"
@@ -122,6 +135,10 @@ def contract_refusals(prompt: str, options: object) -> set[str | re.Pattern[str]
             problems.add(CHOICE[key])
     if options.get("background") == "transparent" and options.get("output_format") == "jpeg":
         problems.add(TRANSPARENT_JPEG)
+    if any(key in options for key in ("edit_of", "references", "mask")):
+        problems.add(EDIT_REFUSAL)  # no reply or upload of the user exists here: refused
+    if "input_fidelity" in options:
+        problems.add(EDIT_REFUSAL)  # without edit_of or references it is refused too
     if "partial_images" in options:
         value = options["partial_images"]
         number = isinstance(value, int | float) and not isinstance(value, bool)

@@ -149,6 +149,9 @@ def test_mask_rules_and_input_fidelity(db: Conn, world: dict[str, Any]) -> None:
     assert refusal(db, user, chat, {**with_refs, "input_fidelity": "max"}) == (
         "option input_fidelity must be low or high"
     )
+    assert refusal(db, user, chat, {"input_fidelity": "low"}) == (
+        "option input_fidelity needs edit_of or references: it is about input images"
+    )
 
 
 def test_through_postgrest_a_refusal_is_a_400_naming_the_problem(

@@ -373,6 +373,8 @@ SERVICE_ROLE_FUNCTIONS = (
     "image_prices",
     # previews (the fenced write of a partial image)
     "image_jobs_preview",
+    # edits: where an edit_of reply's image is stored
+    "image_reply_image",
 )
 
 #: every function the migrations create in public and image_queue, by qualified name

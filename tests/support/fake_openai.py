@@ -18,6 +18,11 @@ With ``"stream": true`` the answer is server-sent events, as the real API sends 
 size) and then ``image_generation.completed`` with the image and usage; each sent partial is
 recorded with its time (:meth:`FakeOpenAI.partials_sent`, ``GET /_fake/partials``).
 
+``POST /v1/images/edits`` takes multipart form data as the SDK sends it (``image`` or repeated
+``image[]`` parts, 1 to 16 PNG/JPEG/WebP files, an optional ``mask``, scalar form fields) and
+answers like a generation (``image_edit.*`` events when streamed); the file parts are recorded
+in order (:attr:`RecordedRequest.files`) so a test can check what arrived.
+
 ``POST /v1/images/generations`` answers like the real API: ``{"created", "data": [{"b64_json"}],
 "usage", "background", "output_format", "quality", "size"}`` with an ``x-request-id`` header. The
 image is a solid PNG of the requested size (1024x1024 for ``auto`` or no size), whatever the
@@ -95,6 +100,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import email.parser
+import email.policy
 import functools
 import json
 import os
@@ -120,6 +127,7 @@ import psutil
 from core.png import solid_png
 
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
 
 _DIRECTIVE = re.compile(r"\[fake:([a-z0-9-]+)(?:=([^\]\s]*))?\]")
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -333,6 +341,8 @@ class RecordedRequest:
     headers: dict[str, str] = field(default_factory=dict)
     #: wall-clock time (``time.time()``) the request was received
     received_at: float = field(default_factory=time.time)
+    #: an edit's file parts in order: (field name ``image``/``image[]``/``mask``, bytes)
+    files: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class _Reply(Exception):
@@ -514,10 +524,16 @@ class FakeOpenAI:
 
     # -- used by the handler -----------------------------------------------------------------
 
-    def _record(self, prompt: str, body: dict[str, Any], headers: dict[str, str]) -> int:
+    def _record(
+        self,
+        prompt: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        files: list[tuple[str, bytes]] | None = None,
+    ) -> int:
         with self._lock:
             self._counts[prompt] += 1
-            self._recorded.append(RecordedRequest(prompt, body, headers))
+            self._recorded.append(RecordedRequest(prompt, body, headers, files=files or []))
             return self._counts[prompt]
 
     def _draw_fault(self) -> Step | None:
@@ -662,9 +678,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path == "/_fake/reset":
             self.server.fake.reset()
             self._send_json(200, {})
-        elif self.path == GENERATIONS_PATH:
+        elif self.path in (GENERATIONS_PATH, EDITS_PATH):
             try:
-                self._generate(body_bytes)
+                if self.path == EDITS_PATH:
+                    body, files = self._edit_form(body_bytes)
+                    self._serve(body, files, events="image_edit")
+                else:
+                    self._serve(self._json_body(body_bytes), None, events="image_generation")
             except _Reply as reply:
                 self._send_error_step(reply.step)
         else:
@@ -672,21 +692,60 @@ class _Handler(BaseHTTPRequestHandler):
                 Step("error", 404, type="invalid_request_error", message="Unknown path.")
             )
 
-    def _generate(self, body_bytes: bytes) -> None:
-        fake = self.server.fake
+    @staticmethod
+    def _json_body(body_bytes: bytes) -> dict[str, Any]:
         try:
             body = json.loads(body_bytes)
         except ValueError:
             raise _invalid(None, "We could not parse the JSON body of your request.") from None
         if not isinstance(body, dict):
             raise _invalid(None, "The body must be a JSON object.")
+        return body
+
+    def _edit_form(self, body_bytes: bytes) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+        """``POST /v1/images/edits``: multipart form data, as the SDK sends it: scalar fields,
+        ``image`` (one) or repeated ``image[]`` parts (up to 16), an optional ``mask``."""
+        content_type = self.headers.get("content-type") or ""
+        if not content_type.startswith("multipart/form-data"):
+            raise _invalid(None, "Edits take multipart/form-data.")
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body_bytes
+        )
+        body: dict[str, Any] = {}
+        files: list[tuple[str, bytes]] = []
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True) or b""
+            if part.get_filename() is not None:
+                files.append((str(name), payload))
+            elif name is not None:
+                body[str(name)] = payload.decode()
+        for key in ("n", "partial_images"):
+            if key in body:
+                body[key] = int(body[key]) if body[key].isdigit() else body[key]
+        if "stream" in body:
+            body["stream"] = body["stream"] == "true"
+        images = [data for name, data in files if name in ("image", "image[]")]
+        if not 1 <= len(images) <= 16:
+            raise _invalid("image", "Provide 1 to 16 images.", "invalid_image_count")
+        known = (b"\x89PNG", b"\xff\xd8", b"RIFF")  # png, jpeg, webp
+        if any(not data.startswith(known) for data in images):
+            raise _invalid("image", "Invalid image file.", "invalid_image_format")
+        if body.get("input_fidelity") not in (None, "low", "high"):
+            raise _invalid("input_fidelity", "Invalid value for 'input_fidelity'.")
+        return body, files
+
+    def _serve(
+        self, body: dict[str, Any], files: list[tuple[str, bytes]] | None, *, events: str
+    ) -> None:
+        fake = self.server.fake
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise _invalid(
                 "prompt", "Missing required parameter: 'prompt'.", "missing_required_parameter"
             )
         headers = {k.lower(): v for k, v in self.headers.items() if k.lower() != "authorization"}
-        call_number = fake._record(prompt, body, headers)
+        call_number = fake._record(prompt, body, headers, files)
         key = self._bearer_key()
         if not key:
             raise _Reply(
@@ -731,7 +790,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         width, height = _validate(body, prompt)
         if body.get("stream") is True and step.kind == "ok":
-            if self._send_stream(body, prompt, width, height, script):
+            if self._send_stream(body, prompt, width, height, script, events):
                 fake._count_success(prompt)
             return
         fake._sleep(fake._generation_delay())
@@ -822,7 +881,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(step.status, {"error": error}, headers)
 
     def _send_stream(
-        self, body: dict[str, Any], prompt: str, width: int, height: int, script: Script
+        self,
+        body: dict[str, Any],
+        prompt: str,
+        width: int,
+        height: int,
+        script: Script,
+        events: str = "image_generation",
     ) -> bool:
         """Server-sent events: ``partial_images`` partial images, ``partial_every`` seconds
         apart, then the completed event with usage; or the scripted stream fault. Whether the
@@ -852,7 +917,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake._sleep(script.partial_every)
             self._send_event(
                 {
-                    "type": "image_generation.partial_image",
+                    "type": f"{events}.partial_image",
                     "b64_json": _png_b64(max(16, width // 8), max(16, height // 8)),
                     "partial_image_index": index,
                     **common,
@@ -866,7 +931,7 @@ class _Handler(BaseHTTPRequestHandler):
         output_tokens = _OUTPUT_TOKENS.get(common["quality"], 1056)
         self._send_event(
             {
-                "type": "image_generation.completed",
+                "type": f"{events}.completed",
                 "b64_json": _png_b64(width, height, fake.image_bytes),
                 **common,
                 "usage": {

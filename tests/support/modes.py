@@ -32,6 +32,8 @@ from tests.support.supabase_stack.realtime import FakeRealtime, install_trigger_
 
 Conn = psycopg.Connection[dict[str, Any]]
 BUCKET = "generated-images"
+#: users' uploads for edits (the Supabase modes' bucket; the postgres mode's directory)
+INPUTS = "image-inputs"
 #: the modes the end-to-end suite runs in (hybrid shares its queue and wake-ups with postgres
 #: and its storage with supabase)
 MODES = ("postgres", "supabase")
@@ -183,12 +185,31 @@ class ModeRig:
         assert response.status_code == 200, response.text
         return response.content
 
+    def upload_input(self, user: uuid.UUID, name: str, data: bytes) -> str:
+        """As the frontend: put a picture into the user's own folder of the input store (a
+        user-token upload to the image-inputs bucket, or a file in the input directory). Its
+        object path, as a request's ``references`` or ``mask`` names it."""
+        path = f"{user}/{name}"
+        if self.stack is None:
+            target = Path(self.env["IMAGE_LISTENER_IMAGE_DIR"]).parent / "inputs" / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            return path
+        response = httpx.post(
+            f"{self.stack.url}/storage/v1/object/{INPUTS}/{path}",
+            files={"file": (name, data, "image/png")},
+            headers=self._user_headers(user),
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        return path
+
     def stored_images(self) -> list[str]:
         """Every image the mode's storage holds."""
         if self.stack is None:
             root = Path(self.env["IMAGE_LISTENER_IMAGE_DIR"])
             return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
-        return sorted(self.stack.storage.objects)
+        return sorted(key for key in self.stack.storage.objects if key.startswith(f"{BUCKET}/"))
 
     def wait_final(self, request_id: uuid.UUID, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -224,7 +245,7 @@ def build_rig(
         secret = new_jwt_secret()
         db.execute(install_trigger_sql())
         realtime = FakeRealtime(database_url, api_keys={anon_key(secret), service_role_key(secret)})
-        stack = make_stack(realtime=realtime, jwt_secret=secret, buckets=[BUCKET])
+        stack = make_stack(realtime=realtime, jwt_secret=secret, buckets=[BUCKET, INPUTS])
         env.pop("DATABASE_URL")
         env |= {
             "SUPABASE_URL": stack.url,

@@ -52,6 +52,7 @@ class Rig:
                 store=store,
                 generator=RetryingGenerator(OpenAIImageGenerator(client), self.policy),
                 storage=LocalDirectoryStorage(self.image_dir, None),
+                inputs=LocalDirectoryStorage(self.image_dir.parent / "inputs", None),
                 config=ProcessorConfig(
                     worker_id="test-worker",
                     model="gpt-image-2.6-flare",

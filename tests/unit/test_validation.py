@@ -12,13 +12,15 @@ from core.errors import InvalidRequest
 from core.models import ClaimedJob, object_path
 from core.validation import check_size, clean_prompt, generation_params, safety_identifier
 
+USER = uuid.UUID("0b5e1d2c-0000-4000-8000-00000000000a")
+
 
 def job(prompt: str = "a cat", **options: Any) -> ClaimedJob:
     return ClaimedJob(
         request_id=uuid.uuid4(),
         reply_id=uuid.uuid4(),
         chat_id=uuid.uuid4(),
-        user_id=uuid.uuid4(),
+        user_id=USER,
         prompt=prompt,
         options=options,
         attempt=1,
@@ -131,3 +133,38 @@ def test_partial_images_outside_0_to_3_is_refused_with_a_user_safe_reason(value:
     assert refused.value.public_message == (
         "The option partial_images must be a whole number from 0 to 3."
     )
+
+
+def test_edit_options_become_an_edit_spec_with_the_users_own_paths() -> None:
+    request = job(
+        edit_of="6f1c4b1e-0000-4000-8000-000000000001",
+        references=[f"{USER}/a.png", f"{USER}/trips/b.JPG"],
+        mask=f"{USER}/m.png",
+        input_fidelity="high",
+    )
+    edit = generation_params(request, model="m", default_size="1024x1024").edit
+    assert edit is not None
+    assert str(edit.edit_of) == "6f1c4b1e-0000-4000-8000-000000000001"
+    assert edit.references == (f"{USER}/a.png", f"{USER}/trips/b.JPG")
+    assert (edit.mask, edit.input_fidelity) == (f"{USER}/m.png", "high")
+    assert generation_params(job(), model="m", default_size="1024x1024").edit is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"edit_of": "nope"}, "The option edit_of must be the id of a complete image reply"),
+        ({"references": []}, "The option references must be a list of 1 to 16 object paths."),
+        ({"references": ["someone/a.png"]}, "must name an object in your own folder"),
+        ({"references": [f"{USER}/../x/a.png"]}, "must name an object in your own folder"),
+        ({"references": [f"{USER}/a.gif"]}, "must end in .png, .jpg, .jpeg, .webp"),
+        ({"mask": f"{USER}/m.png"}, "The option mask needs edit_of or references."),
+        ({"input_fidelity": "low"}, "The option input_fidelity needs edit_of or references."),
+    ],
+)
+def test_edit_options_the_database_would_refuse_fail_with_a_user_safe_reason(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        generation_params(job(**options), model="m", default_size="1024x1024")
+    assert message in refused.value.public_message

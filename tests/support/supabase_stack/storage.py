@@ -24,7 +24,9 @@ Authorization (`Authorization: Bearer <jwt>`, HS256 with the project's JWT secre
 the RLS policies on storage.objects that the project is expected to have, reduced to one rule:
     * service_role may do everything (on Supabase it bypasses RLS);
     * a user token (role authenticated, sub = user id) may only *read* objects whose name starts
-      with `<sub>/`; its uploads and updates are refused as an RLS violation (400, statusCode
+      with `<sub>/`, and *upload* only into the bucket `image-inputs` under `<sub>/` (the
+      migrations' own-folder policy for users' input images); its other uploads and updates are
+      refused as an RLS violation (400, statusCode
       "403"), its removes delete nothing, and it sees no buckets;
     * anon, or any other role, may read nothing and write nothing.
 Reads the rule hides answer "Object not found", as RLS-filtered rows do on the real server.
@@ -57,6 +59,9 @@ from typing import Any, NamedTuple
 
 import jwt as pyjwt
 from aiohttp import BodyPartReader, hdrs, web
+
+#: the bucket of users' input images, where a user may upload into their own folder
+INPUTS_BUCKET = "image-inputs"
 
 SERVICE_ROLE = "service_role"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -273,6 +278,18 @@ class FakeStorage:
         sub = claims.get("sub")
         return role == "authenticated" and bool(sub) and name.startswith(f"{sub}/")
 
+    @staticmethod
+    def _may_write(claims: dict[str, Any], bucket_id: str, name: str) -> bool:
+        if claims.get("role") == SERVICE_ROLE:
+            return True
+        sub = claims.get("sub")
+        return (
+            claims.get("role") == "authenticated"
+            and bool(sub)
+            and bucket_id == INPUTS_BUCKET
+            and name.startswith(f"{sub}/")
+        )
+
     # --- buckets -------------------------------------------------------------------------
 
     def _list_buckets(self, claims: dict[str, Any]) -> web.Response:
@@ -323,7 +340,7 @@ class FakeStorage:
         bucket = self._bucket(bucket_id)
         data, content_type, cache_control = await _read_upload(request)
         record.content_type = content_type
-        if claims.get("role") != SERVICE_ROLE:
+        if not self._may_write(claims, bucket_id, name):
             raise _rls()
         if bucket.allowed_mime_types and content_type not in bucket.allowed_mime_types:
             raise _Refusal("415", "invalid_mime_type", f"mime type {content_type} is not supported")

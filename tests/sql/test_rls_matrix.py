@@ -375,6 +375,12 @@ SERVICE_ROLE_FUNCTIONS = (
     "image_jobs_preview",
     # edits: where an edit_of reply's image is stored
     "image_reply_image",
+    # the provider budget (the claim within it, a 429's pause, the next start, the budget command)
+    "image_jobs_claim_within_budget",
+    "image_jobs_rate_limited",
+    "image_jobs_next_start",
+    "image_provider_budget",
+    "image_provider_budget_set",
 )
 
 #: every function the migrations create in public and image_queue, by qualified name
@@ -397,6 +403,8 @@ FUNCTION_MATRIX: dict[str, dict[str, Outcome]] = {
             "enforce_limits",
             "queued_content",
             "reply_queued",
+            "budget_in_force",
+            "budget_tokens",
         )
     },
     # a request's place in line, for its owner only (others: "not found", as for no request)

@@ -11,7 +11,7 @@ or as a process (the first stdout line is the base URL; SIGTERM/SIGINT stop it):
 
     python -m tests.support.fake_openai --port 0 [--delay 0.5] [--delay-jitter 0.2] [--seed 1]
                                 [--fault-rate 0.2 --fault-seed 7 --fault-hang 30]
-                                [--image-bytes 1500000]
+                                [--image-bytes 1500000] [--rate-limit 10 --rate-window 2]
 
 With ``"stream": true`` the answer is server-sent events, as the real API sends them:
 ``partial_images`` (0..3) ``image_generation.partial_image`` events (small PNGs, 1/8 of the
@@ -82,6 +82,15 @@ calls that would otherwise succeed is answered instead, chosen evenly by a gener
 ``fault_seed``, with one of: a 429 with ``retry-after: fault_retry_after_seconds``, a 500, a hang
 of ``fault_hang_seconds`` (set it past the client's timeout) or a dropped connection. They are
 counted in :meth:`FakeOpenAI.fault_counts` and :attr:`FakeOpenAI.faults_injected`.
+
+Server-wide rate limit (the organisation's images-per-minute limit): with ``rate_limit`` calls
+per ``rate_window_seconds`` (``--rate-limit N --rate-window W``), a generation or edit that
+arrives while N calls were admitted within the last W seconds (a sliding window) is answered 429
+``rate_limit_exceeded`` with ``retry-after`` and ``retry-after-ms`` saying when the oldest of
+them leaves the window, so a slot frees; refused calls do not count against the window. Every
+admission time is kept (:meth:`FakeOpenAI.admissions`, the most admitted within any window:
+:meth:`FakeOpenAI.max_admitted_in_window`) and the refusals are counted
+(:attr:`FakeOpenAI.rate_limited`; both in ``GET /_fake/stats``).
 
 ``GET /v1/models/{id}`` answers like the real API (401 for a key starting ``sk-rejected``, 404
 for a model id containing ``unknown``), for ``image-listener doctor``.
@@ -377,9 +386,13 @@ class FakeOpenAI:
         fault_retry_after_seconds: float = 0.5,
         killable: Callable[[int], bool] | None = None,
         image_bytes: int = 0,
+        rate_limit: int | None = None,
+        rate_window_seconds: float = 60.0,
     ) -> None:
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be between 0 and 1, got {fault_rate!r}")
+        if rate_limit is not None and (rate_limit < 1 or rate_window_seconds <= 0):
+            raise ValueError("rate_limit must be at least 1 and rate_window_seconds positive")
         self._address = (host, port)
         self.default_delay_seconds = default_delay_seconds
         self.delay_jitter_seconds = delay_jitter_seconds
@@ -388,6 +401,10 @@ class FakeOpenAI:
         self.fault_hang_seconds = fault_hang_seconds
         self.fault_retry_after_seconds = fault_retry_after_seconds
         self.image_bytes = image_bytes
+        self.rate_limit = rate_limit
+        self.rate_window_seconds = rate_window_seconds
+        self._admitted: list[float] = []
+        self._rate_limited = 0
         self._killable = killable or _is_descendant
         self._random = random.Random(seed)
         self._fault_random = random.Random(fault_seed)
@@ -489,6 +506,27 @@ class FakeOpenAI:
         with self._lock:
             return sum(self._faults.values())
 
+    def admissions(self) -> list[float]:
+        """When each call was admitted by the rate limit (``time.monotonic()``), in order."""
+        with self._lock:
+            return list(self._admitted)
+
+    def max_admitted_in_window(self) -> int:
+        """The most calls admitted within any ``rate_window_seconds`` (what the limit bounds)."""
+        times = self.admissions()
+        most, first = 0, 0
+        for last, at in enumerate(times):
+            while at - times[first] >= self.rate_window_seconds:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
+
+    @property
+    def rate_limited(self) -> int:
+        """Calls refused by the server-wide rate limit so far."""
+        with self._lock:
+            return self._rate_limited
+
     def partials_sent(self, prompt: str | None = None) -> list[tuple[int, float]]:
         """``(index, time.time())`` of each partial image streamed (for this prompt)."""
         with self._lock:
@@ -519,6 +557,8 @@ class FakeOpenAI:
             self._recorded.clear()
             self._successes.clear()
             self._faults.clear()
+            self._admitted.clear()
+            self._rate_limited = 0
             self._kills.clear()
             self._partials.clear()
 
@@ -535,6 +575,28 @@ class FakeOpenAI:
             self._counts[prompt] += 1
             self._recorded.append(RecordedRequest(prompt, body, headers, files=files or []))
             return self._counts[prompt]
+
+    def _admit(self) -> Step | None:
+        """Count this call against the sliding window, or the 429 that refuses it."""
+        if self.rate_limit is None:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            window = [at for at in self._admitted[-self.rate_limit :] if now - at < self.rate_window_seconds]
+            if len(window) < self.rate_limit:
+                self._admitted.append(now)
+                return None
+            self._rate_limited += 1
+            frees_in = max(0.0, window[0] + self.rate_window_seconds - now)
+        return replace(
+            parse_step("429"),
+            message=(
+                f"Rate limit reached on images per min (ipm): Limit {self.rate_limit}, "
+                f"Used {self.rate_limit}, Requested 1. Please try again in {frees_in:.3f}s."
+            ),
+            retry_after=f"{frees_in:.3f}",
+            retry_after_ms=f"{frees_in * 1000:.0f}",
+        )
 
     def _draw_fault(self) -> Step | None:
         """A server-wide fault for this would-be success, or None (``fault_rate`` of the time)."""
@@ -650,6 +712,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "successes": fake.success_counts(),
                     "faults": fake.fault_counts(),
                     "kills": fake.kills(),
+                    "rate_limited": fake.rate_limited,
+                    "max_admitted_in_window": fake.max_admitted_in_window(),
                 },
             )
         elif self.path == "/_fake/requests":
@@ -760,6 +824,8 @@ class _Handler(BaseHTTPRequestHandler):
             script = parse_directives(prompt)
         except DirectiveError as exc:
             raise _invalid("prompt", f"fake server: {exc}", "bad_fake_directive") from None
+        if (refusal := fake._admit()) is not None:
+            raise _Reply(refusal)
         fake._sleep(script.delay)
         step = script.step_for(call_number)
         if step.kind == "ok":
@@ -1093,6 +1159,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--image-bytes", type=int, default=0, help="pad each image to about this many bytes"
     )
+    parser.add_argument(
+        "--rate-limit", type=int, default=None, help="admit at most N calls per --rate-window"
+    )
+    parser.add_argument(
+        "--rate-window", type=float, default=60.0, help="seconds of the sliding rate window"
+    )
     args = parser.parse_args(argv)
 
     stop = threading.Event()
@@ -1114,6 +1186,8 @@ def main(argv: list[str] | None = None) -> None:
         fault_hang_seconds=args.fault_hang,
         fault_retry_after_seconds=args.fault_retry_after,
         image_bytes=args.image_bytes,
+        rate_limit=args.rate_limit,
+        rate_window_seconds=args.rate_window,
     )
     with fake:
         print(fake.base_url, flush=True)

@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
 
+from core.budget import NextStart
 from core.models import (
     ClaimedJob,
     EditInputs,
@@ -115,9 +116,15 @@ class JobStore(Protocol):
         ...
 
     async def claim(
-        self, worker: str, limit: int, lease_seconds: float, max_attempts: int
+        self,
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        max_attempts: int,
+        images_per_minute: float | None = None,
     ) -> list[ClaimedJob]:
-        """Lease up to ``limit`` due jobs to ``worker``."""
+        """Lease up to ``limit`` due jobs to ``worker``, no more than the fleet's provider budget
+        allows now (``images_per_minute``: this listener's setting, None for none)."""
         ...
 
     async def extend(
@@ -155,12 +162,27 @@ class JobStore(Protocol):
         """Hand the job back without counting the attempt."""
         ...
 
+    async def rate_limited(
+        self, job: ClaimedJob, worker: str, *, retry_after: float | None, detail: str
+    ) -> WriteResult:
+        """The provider answered a rate-limit 429: hand the job back without counting the
+        attempt and pause the fleet until ``retry_after`` (a backoff when None)."""
+        ...
+
     async def image_of_reply(self, reply_id: UUID) -> Mapping[str, Any] | None:
         """Where a complete image reply's image is stored (``metadata.storage``), or None."""
         ...
 
     async def next_due(self) -> datetime | None:
         """When the earliest job becomes claimable, or None for an empty queue."""
+        ...
+
+    async def next_start(self) -> NextStart:
+        """When the earliest job may start, within the fleet's provider budget."""
+        ...
+
+    async def provider_budget(self) -> dict[str, Any]:
+        """The fleet's provider budget as it stands (``image_provider_budget``)."""
         ...
 
     async def status(self, failures: int = 0) -> dict[str, Any]:

@@ -93,16 +93,16 @@ def is_retryable(error: BaseException) -> bool:
 
 
 def retry_within_attempt(error: BaseException, policy: RetryPolicy) -> bool:
-    """Whether to call the provider again in this attempt.
+    """Whether to call the provider again in this attempt: for transient errors, except a rate
+    limit.
 
-    A retry-after longer than ``policy.max_retry_after`` is not slept through: holding a lease
-    that long wastes a worker, so the attempt ends and :func:`decide_after_failure` schedules the
-    next one no earlier than the provider asked.
+    A rate limit is not slept through by one worker: the request goes back to the queue with its
+    attempt and the whole fleet pauses until the provider's retry-after
+    (``image_jobs_rate_limited``), so that no listener keeps the provider's window full. The
+    policy sets how many calls and how long between them (:func:`wait_before_retry`).
     """
-    if not is_retryable(error):
-        return False
-    retry_after = _retry_after(error)
-    return retry_after is None or retry_after <= policy.max_retry_after
+    del policy  # how many calls and how long between them: the caller's stop and wait
+    return is_retryable(error) and not isinstance(error, RateLimited)
 
 
 def wait_before_retry(

@@ -196,6 +196,16 @@ class Settings(BaseSettings):
         validation_alias=_env("PARTIAL_IMAGES"),
         description="Previews streamed while generating, for requests without partial_images (0-3)",
     )
+    provider_images_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        validation_alias=_env("PROVIDER_IMAGES_PER_MINUTE"),
+        description=(
+            "Provider calls the whole fleet may start per minute (set it to your organisation's "
+            "images-per-minute limit; unset: none, the fleet learns a rate from 429s)"
+        ),
+    )
     tries_per_attempt: int = Field(
         default=3,
         ge=1,

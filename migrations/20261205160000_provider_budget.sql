@@ -7,10 +7,12 @@
 --   2. the smallest IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE among the listeners that claimed
 --      within the last two minutes (each claim announces its setting; a listener that stopped
 --      stops counting after two minutes, so a larger value can take over);
---   3. the learned rate: with no budget set, the first rate-limit 429 starts it, each further
---      429 lowers it (x 0.85, once per pause) and each call started while the budget held
---      claims back raises it by a fixed step (3/800 of the rate at the last decrease: about 40
---      calls to climb back) -- additive increase, multiplicative decrease;
+--   3. the learned rate: with no budget set, the first rate-limit 429 starts it (a first guess:
+--      the calls in flight that were not refused, over the provider's pause), each 429 that
+--      starts a later pause lowers it (x 0.85), and each call started while the budget held
+--      claims back raises it by a fixed step (3/800 of the rate before the last decrease, at
+--      least 1 per minute: about 40 calls to climb back) -- additive increase, multiplicative
+--      decrease;
 --   4. none: no 429 seen yet, no budget set. The claim then takes no lock and writes nothing.
 --
 -- The budget is a token bucket taken in the claim (no extra round trip): tokens accrue at the
@@ -20,7 +22,8 @@
 -- A rate-limit 429 (image_jobs_rate_limited) hands the job back to the queue without spending
 -- its attempt (its reply says 'queued' again, its place in the fair order kept) and pauses the
 -- whole fleet until the provider's retry-after (or a backoff of 1, 2, 4 ... 60 s when it gave
--- none): no listener starts a call until then. image_jobs_next_start() tells an idle listener
+-- none, or when pauses follow each other with no time between): no listener starts a call until
+-- then. image_jobs_next_start() tells an idle listener
 -- when the next call may start (the next token, the pause's end), so it sleeps until then.
 --
 -- Listeners of earlier releases keep calling image_jobs_claim, which ignores the budget: the
@@ -35,6 +38,9 @@ create table image_queue.provider_budget (
   listener_seen_at timestamptz,
   learned_per_minute double precision,
   learned_step double precision,
+  -- while the pause that started learning lasts: its length (each further 429 in it lowers the
+  -- first guess by one call per that many seconds)
+  guess_pause_seconds double precision,
   tokens double precision not null default 1,
   refilled_at timestamptz not null default now(),
   paused_until timestamptz,
@@ -166,7 +172,7 @@ $$;
 
 -- A call was refused with a rate-limit 429: the job goes back to the queue without spending its
 -- attempt, and the fleet pauses. p_retry_after_seconds is the provider's hint (null: none, and
--- the pause backs off 1, 2, 4 ... 60 s over consecutive 429s). Fenced like every write; returns
+-- the pause backs off 1, 2, 4 ... 60 s over pauses that follow each other). Fenced like every write; returns
 -- 'requeued', or 'lease_lost' / 'cancelled'.
 create function public.image_jobs_rate_limited(
   p_request_id uuid,
@@ -199,31 +205,45 @@ begin
   perform image_queue.reply_queued(array[p_request_id]);
 
   select * into b from image_queue.provider_budget for update;
-  if b.last_limited_at is null or b.last_limited_at < now() - interval '60 seconds' then
-    b.consecutive_limited := 0;
+  was_paused := coalesce(b.paused_until > now(), false);
+  -- A pause that starts within a second of the last one's end follows it: the pauses grow.
+  if not was_paused then
+    if b.paused_until is null or b.paused_until < now() - interval '1 second' then
+      b.consecutive_limited := 0;
+    end if;
+    b.consecutive_limited := b.consecutive_limited + 1;
   end if;
-  b.consecutive_limited := b.consecutive_limited + 1;
   if p_retry_after_seconds is not null and p_retry_after_seconds >= 0
      and p_retry_after_seconds < 'infinity' then
+    -- The provider's word, for two pauses in a row; from the third on, at least 1, 2, 4 ... 60 s,
+    -- so that a provider that keeps saying "now" is not called in a tight loop.
     pause := least(p_retry_after_seconds, 3600);
+    if b.consecutive_limited >= 3 then
+      pause := greatest(pause, least(60.0, 2.0 ^ least(b.consecutive_limited - 3, 6)));
+    end if;
   else
     pause := least(60.0, 2.0 ^ least(b.consecutive_limited - 1, 6));
   end if;
-  was_paused := coalesce(b.paused_until > now(), false);
   rate := image_queue.budget_in_force(b);
-  if not was_paused and rate.source in ('learned', 'none') then
-    if b.learned_per_minute is null then
-      -- The first 429: a first guess from the calls in flight and the provider's pause. A guess
-      -- too high costs about one 429 per decrease (starts are spread out), one too low a slow
-      -- climb, so it errs high.
-      select count(*) into running from image_queue.jobs j where j.state = 'running';
-      b.learned_per_minute := 60.0 * (running + 1) / greatest(pause, 1.0);
-    else
-      b.learned_per_minute := greatest(1.0, b.learned_per_minute * 0.85);
+  if rate.source in ('learned', 'none') then
+    if not was_paused then
+      b.guess_pause_seconds := null;
+      if b.learned_per_minute is null then
+        -- The first 429: the other calls in flight per the provider's pause (at least one);
+        -- those that come back 429 in this pause too take themselves out of it below.
+        select count(*) into running from image_queue.jobs j where j.state = 'running';
+        b.guess_pause_seconds := greatest(pause, 1.0);
+        b.learned_per_minute := 60.0 * greatest(running, 1) / b.guess_pause_seconds;
+      else
+        b.learned_per_minute := greatest(1.0, b.learned_per_minute * 0.85);
+      end if;
+      b.learned_step := greatest(1.0, b.learned_per_minute / 0.85 * 0.15 / 40.0);
+      b.decreases := b.decreases + 1;
+      b.tokens := least(b.tokens, 1.0);
+    elsif b.guess_pause_seconds is not null then
+      b.learned_per_minute := greatest(1.0, b.learned_per_minute - 60.0 / b.guess_pause_seconds);
+      b.learned_step := greatest(1.0, b.learned_per_minute / 0.85 * 0.15 / 40.0);
     end if;
-    b.learned_step := b.learned_per_minute / 0.85 * 0.15 / 40.0;
-    b.decreases := b.decreases + 1;
-    b.tokens := least(b.tokens, 1.0);
   end if;
   update image_queue.provider_budget p
   set paused_until = greatest(b.paused_until, now() + make_interval(secs => pause)),
@@ -234,6 +254,7 @@ begin
       decreases = b.decreases,
       learned_per_minute = b.learned_per_minute,
       learned_step = b.learned_step,
+      guess_pause_seconds = b.guess_pause_seconds,
       tokens = b.tokens,
       updated_at = now()
   where p.id;
@@ -340,6 +361,7 @@ begin
   set operator_per_minute = p_images_per_minute,
       learned_per_minute = case when p_forget_learned then null else p.learned_per_minute end,
       learned_step = case when p_forget_learned then null else p.learned_step end,
+      guess_pause_seconds = case when p_forget_learned then null else p.guess_pause_seconds end,
       paused_until = case when p_forget_learned then null else p.paused_until end,
       tokens = least(p.tokens, 1.0),
       updated_at = now()

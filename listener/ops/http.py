@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -151,8 +152,13 @@ def ops_server(
     if settings.http_port == 0:
         return None
     metrics.in_flight.set_function(in_flight)
+
+    async def snapshot() -> dict[str, Any]:
+        status = await queue.status()
+        return {**status, "provider_budget": await queue.provider_budget()}
+
     live = LiveState(
-        queue_status=queue.status,
+        queue_status=snapshot,
         wakeup_state=lambda: {
             "healthy": float(wakeups.healthy),
             "reconnects": float(wakeups.reconnects),

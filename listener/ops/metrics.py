@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from core.budget import NextStart
 from core.models import ClaimedJob, TokenUsage
 
 log = structlog.get_logger("listener.metrics")
@@ -55,7 +56,17 @@ class Metrics:
             registry=r,
         )
         self.rate_limited = Counter(
-            "image_listener_provider_rate_limited", "Provider answers of 429", registry=r
+            "image_listener_provider_rate_limited",
+            "Provider answers of 429 (rate limits: the request went back to the queue and the "
+            "fleet paused)",
+            registry=r,
+        )
+        self.budget_waits = Counter(
+            "image_listener_provider_budget_waits",
+            "Times this listener had requests to start and waited instead, by what held it "
+            "(budget: the next token; pause: the fleet's pause after a 429)",
+            ["held_by"],
+            registry=r,
         )
         self.generation_seconds = Histogram(
             "image_listener_generation_seconds",
@@ -133,8 +144,14 @@ class Metrics:
 
     def observe_provider_retry(self, reason: str) -> None:
         self.provider_retries.labels(reason=reason).inc()
-        if reason == "rate_limited":
-            self.rate_limited.inc()
+
+    def observe_rate_limited(self) -> None:
+        self.rate_limited.inc()
+
+    def observe_next_start(self, ahead: NextStart) -> None:
+        """An idle wait: counted when the budget or a pause, not the queue, set its length."""
+        if ahead.held_by is not None:
+            self.budget_waits.labels(held_by=ahead.held_by).inc()
 
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.observe(seconds)
@@ -182,10 +199,52 @@ class LiveState(Collector):
             oldest.add_metric([], float(self._snapshot.get("oldest_queued_seconds") or 0.0))
         yield depth
         yield oldest
+        yield from _budget_gauges(self._snapshot)
         for name, value in self._wakeup_state().items():
             family = GaugeMetricFamily(f"image_listener_wakeup_{name}", f"Wake-up source {name}")
             family.add_metric([], value)
             yield family
+
+
+def _budget_gauges(snapshot: Mapping[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+    """The fleet's provider budget (``provider_budget`` of the snapshot): the same numbers on
+    every listener of the fleet, as ``image-listener status`` shows them."""
+    budget = (snapshot or {}).get("provider_budget")
+    rate = GaugeMetricFamily(
+        "image_listener_provider_budget_per_minute",
+        "Provider calls per minute the fleet may start, by source (operator, listeners, "
+        "learned); absent when no budget is in force",
+        labels=["source"],
+    )
+    tokens = GaugeMetricFamily(
+        "image_listener_provider_budget_tokens", "Calls that may start at once right now"
+    )
+    paused = GaugeMetricFamily(
+        "image_listener_provider_paused_seconds",
+        "Seconds left of the fleet's pause after a rate-limit 429 (0: not paused)",
+    )
+    fleet_limited = GaugeMetricFamily(
+        "image_listener_provider_fleet_rate_limited",
+        "Rate-limit 429s the whole fleet has received (since the budget's migration)",
+    )
+    fleet_pauses = GaugeMetricFamily(
+        "image_listener_provider_fleet_pauses", "Fleet pauses after rate-limit 429s"
+    )
+    if isinstance(budget, Mapping):
+        if budget.get("per_minute") is not None:
+            rate.add_metric([str(budget.get("source"))], float(budget["per_minute"]))
+        if budget.get("tokens") is not None:
+            tokens.add_metric([], float(budget["tokens"]))
+        until = budget.get("paused_until")
+        left = 0.0
+        if until is not None:
+            left = max(
+                0.0, (datetime.fromisoformat(str(until)) - datetime.now(UTC)).total_seconds()
+            )
+        paused.add_metric([], left)
+        fleet_limited.add_metric([], float(budget.get("rate_limited") or 0))
+        fleet_pauses.add_metric([], float(budget.get("pauses") or 0))
+    yield from (rate, tokens, paused, fleet_limited, fleet_pauses)
 
 
 async def watch_loop_lag(metrics: Metrics, interval: float = 0.05) -> None:

@@ -23,6 +23,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 from uuid import UUID
 
+from core.budget import NextStart
 from core.errors import OperatorError
 from core.models import ClaimedJob, as_timestamp, as_uuid
 from core.ports import Completion, WriteResult
@@ -33,6 +34,7 @@ WRITE_RESULTS = {
     "failed": WriteResult.DONE,
     "retrying": WriteResult.DONE,
     "released": WriteResult.DONE,
+    "requeued": WriteResult.DONE,
     "previewed": WriteResult.DONE,
     "lease_lost": WriteResult.LEASE_LOST,
     "cancelled": WriteResult.CANCELLED,
@@ -82,15 +84,21 @@ class QueueCalls:
     # -- the worker's calls (JobStore); every write is fenced by (worker, attempt) -----------
 
     async def claim(
-        self, worker: str, limit: int, lease_seconds: float, max_attempts: int
+        self,
+        worker: str,
+        limit: int,
+        lease_seconds: float,
+        max_attempts: int,
+        images_per_minute: float | None = None,
     ) -> list[ClaimedJob]:
         rows = await self._transport.rows(
-            "image_jobs_claim",
+            "image_jobs_claim_within_budget",
             {
                 "p_worker": worker,
                 "p_limit": limit,
                 "p_lease_seconds": lease_seconds,
                 "p_max_attempts": max_attempts,
+                "p_images_per_minute": images_per_minute,
             },
         )
         return [ClaimedJob.from_row(row) for row in rows]
@@ -178,6 +186,20 @@ class QueueCalls:
             {"p_request_id": job.request_id, "p_worker": worker, "p_attempt": job.attempt},
         )
 
+    async def rate_limited(
+        self, job: ClaimedJob, worker: str, *, retry_after: float | None, detail: str
+    ) -> WriteResult:
+        return await self._fenced_write(
+            "image_jobs_rate_limited",
+            {
+                "p_request_id": job.request_id,
+                "p_worker": worker,
+                "p_attempt": job.attempt,
+                "p_retry_after_seconds": retry_after,
+                "p_detail": detail,
+            },
+        )
+
     async def image_of_reply(self, reply_id: UUID) -> Mapping[str, Any] | None:
         found = await self._transport.value("image_reply_image", {"p_reply_id": reply_id})
         return found if isinstance(found, dict) else None
@@ -185,6 +207,12 @@ class QueueCalls:
     async def next_due(self) -> datetime | None:
         due = await self._transport.value("image_jobs_next_due", {})
         return None if due is None else as_timestamp(due)
+
+    async def next_start(self) -> NextStart:
+        rows = await self._transport.rows("image_jobs_next_start", {})
+        if len(rows) != 1:
+            raise OperatorError(f"image_jobs_next_start returned {len(rows)} rows, not one")
+        return NextStart.from_row(rows[0])
 
     async def _fenced_write(self, function: str, arguments: Arguments) -> WriteResult:
         return _known_result(function, await self._transport.value(function, arguments))
@@ -261,6 +289,27 @@ class QueueCalls:
                     "p_input_text": input_text,
                     "p_input_image": input_image,
                     "p_output_image": output_image,
+                },
+            ),
+        )
+
+    async def provider_budget(self) -> dict[str, Any]:
+        """The fleet's provider budget as it stands (``image_provider_budget``)."""
+        return _object(
+            "image_provider_budget", await self._transport.value("image_provider_budget", {})
+        )
+
+    async def provider_budget_set(
+        self, images_per_minute: float | None, *, forget_learned: bool = False
+    ) -> dict[str, Any]:
+        """Set (None: clear) the operator's budget; optionally forget the learned rate."""
+        return _object(
+            "image_provider_budget_set",
+            await self._transport.value(
+                "image_provider_budget_set",
+                {
+                    "p_images_per_minute": images_per_minute,
+                    "p_forget_learned": forget_learned,
                 },
             ),
         )

@@ -110,6 +110,7 @@ async def _run_worker(
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
             # polling every tick anyway: each idle tick costs exactly one query, the claim
             sleep_until_due=not plan.poll_only,
+            images_per_minute=settings.provider_images_per_minute,
         ),
         metrics=metrics,
     )

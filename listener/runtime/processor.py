@@ -16,7 +16,7 @@ from typing import TypeVar
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError
+from core.errors import DatabaseUnavailable, ImageListenerError, OperatorError, RateLimited
 from core.lease import Lease
 from core.models import ClaimedJob, TokenUsage, object_path
 from core.outcome import completion_metadata, failure_metadata
@@ -106,6 +106,8 @@ class JobProcessor:
             summary.outcome = (
                 "cancelled" if refused.result is WriteResult.CANCELLED else "lease_lost"
             )
+        except RateLimited as limited:
+            await self._hand_back_rate_limited(job, limited, summary)
         except ImageListenerError as exc:
             await self._record_failure(job, exc, started, summary)
         except Exception as exc:  # a bug of ours: keep the stack for operators, not the user
@@ -235,6 +237,26 @@ class JobProcessor:
             with attempt:
                 return await call()
         raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _hand_back_rate_limited(
+        self, job: ClaimedJob, limited: RateLimited, summary: AttemptSummary
+    ) -> None:
+        """A rate limit is nobody's fault: the request goes back to the queue with its attempt
+        and its place in line, and the whole fleet pauses until the provider's retry-after."""
+        result = await self._write(
+            lambda: self._store.rate_limited(
+                job,
+                self._config.worker_id,
+                retry_after=limited.retry_after,
+                detail=limited.detail,
+            )
+        )
+        summary.outcome = "rate_limited" if result is WriteResult.DONE else result.value
+        summary.error_code = limited.code
+        summary.error_detail = limited.detail
+        summary.retry_in = limited.retry_after
+        if self._metrics is not None:
+            self._metrics.observe_rate_limited()
 
     async def _record_failure(
         self, job: ClaimedJob, error: BaseException, started: float, summary: AttemptSummary

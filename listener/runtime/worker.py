@@ -44,6 +44,9 @@ class WorkerConfig:
     #: ask the queue when the next job is due before sleeping (off when polling every tick
     #: anyway: then each idle tick costs exactly one query, the claim)
     sleep_until_due: bool = True
+    #: this listener's share of the fleet's provider budget (None: no setting; see
+    #: migrations/20261205160000_provider_budget.sql for how the fleet agrees on one)
+    images_per_minute: float | None = None
 
 
 class Worker:
@@ -108,6 +111,7 @@ class Worker:
                         free,
                         self._config.lease_seconds,
                         self._config.max_attempts,
+                        self._config.images_per_minute,
                     )
                 except ImageListenerError as exc:
                     failures += 1
@@ -147,10 +151,15 @@ class Worker:
     async def _idle_wait(self, stop: asyncio.Event, *, at_capacity: bool) -> None:
         timeout = self._config.poll_seconds
         if not at_capacity and self._config.sleep_until_due:
+            # Within the fleet's budget: the next token or the end of a pause, when either is
+            # later than the queue's own next due time.
             try:
-                due = await self._store.next_due()
+                ahead = await self._store.next_start()
             except ImageListenerError:
-                due = None
+                ahead = None
+            due = ahead.due_at if ahead is not None else None
+            if ahead is not None and self._metrics is not None:
+                self._metrics.observe_next_start(ahead)
             if due is not None:
                 until_due = (due - datetime.now(UTC)).total_seconds()
                 timeout = max(0.0, min(timeout, until_due + 0.01))

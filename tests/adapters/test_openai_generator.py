@@ -342,24 +342,29 @@ async def test_api_key_appears_in_no_error_text(generator: OpenAIImageGenerator)
 # --- retrying generator --------------------------------------------------------------------
 
 
-async def test_retry_honours_retry_after_then_succeeds(
-    fake: FakeOpenAI, generator: OpenAIImageGenerator
+@pytest.mark.parametrize(
+    ("directive", "seconds"), [("retry-after=0.2", 0.2), ("retry-after-ms=300", 0.3)]
+)
+async def test_a_rate_limit_is_not_retried_within_the_attempt(
+    fake: FakeOpenAI, generator: OpenAIImageGenerator, directive: str, seconds: float
 ) -> None:
-    """429s with retry-after are retried after exactly the provider's hint, then succeed."""
+    """A 429 ends the attempt at once with the provider's hint: the request goes back to the
+    queue and the fleet pauses (the processor's job), no worker sleeps through it alone."""
     sleep = RecordingSleep()
-    prompt = "a cat [fake:fail=429:retry-after=0.2,429:retry-after-ms=300]"
-    image = await retrying(generator, sleep).generate(params(prompt))
-    assert read_png_size(image.data) == (1024, 1024)
-    assert sleep.delays == [0.2, 0.3]
-    assert fake.calls(prompt) == 3
+    prompt = f"a cat [fake:fail=429:{directive}]"
+    with pytest.raises(RateLimited) as raised:
+        await retrying(generator, sleep).generate(params(prompt))
+    assert raised.value.retry_after == pytest.approx(seconds)
+    assert sleep.delays == []
+    assert fake.calls(prompt) == 1
 
 
 async def test_retry_really_sleeps_with_the_default_sleep(
     fake: FakeOpenAI, generator: OpenAIImageGenerator
 ) -> None:
-    """Without an injected sleep, the retry-after is actually waited (asyncio.sleep)."""
-    prompt = "a cat [fake:fail=429:retry-after=0.2]"
-    wrapper = RetryingGenerator(generator, NO_JITTER)
+    """Without an injected sleep, the backoff is actually waited (asyncio.sleep)."""
+    prompt = "a cat [fake:fail=500]"
+    wrapper = RetryingGenerator(generator, RetryPolicy(base_delay=0.2, jitter=0.0))
     started = time.monotonic()
     await wrapper.generate(params(prompt))
     assert time.monotonic() - started >= 0.2

@@ -582,7 +582,11 @@ class FakeOpenAI:
             return None
         with self._lock:
             now = time.monotonic()
-            window = [at for at in self._admitted[-self.rate_limit :] if now - at < self.rate_window_seconds]
+            window = [
+                at
+                for at in self._admitted[-self.rate_limit :]
+                if now - at < self.rate_window_seconds
+            ]
             if len(window) < self.rate_limit:
                 self._admitted.append(now)
                 return None

@@ -69,9 +69,8 @@ def test_wait_honours_provider_retry_after() -> None:
 
 
 def test_wait_honours_retry_after_up_to_the_limit_inclusive() -> None:
-    """Exactly ``max_retry_after`` is still slept through; the attempt goes on."""
+    """Exactly ``max_retry_after`` is still the wait."""
     error = RateLimited("429", retry_after=120.0)
-    assert retry_within_attempt(error, RetryPolicy())
     assert wait_before_retry(error, 1, RetryPolicy(), 0.0) == 120.0
 
 
@@ -83,9 +82,17 @@ def test_retry_after_beyond_the_limit_ends_the_attempt() -> None:
     assert wait_before_retry(error, 1, NO_JITTER, 0.0) == 1.0
 
 
+def test_a_rate_limit_is_never_retried_within_the_attempt() -> None:
+    """Whatever its hint: the request goes back to the queue and the fleet pauses instead."""
+    for hint in (None, 0.0, 1.0, 120.0):
+        assert not retry_within_attempt(RateLimited("429", retry_after=hint), RetryPolicy())
+
+
 def test_retry_within_attempt_follows_is_retryable_otherwise() -> None:
-    """Without a long retry-after, in-attempt retry is exactly the transient branch."""
-    assert all(retry_within_attempt(e, RetryPolicy()) for e in TRANSIENT)
+    """Apart from rate limits, in-attempt retry is exactly the transient branch."""
+    assert all(
+        retry_within_attempt(e, RetryPolicy()) for e in TRANSIENT if not isinstance(e, RateLimited)
+    )
     assert not any(retry_within_attempt(e, RetryPolicy()) for e in PERMANENT)
     assert not retry_within_attempt(RuntimeError("bug"), RetryPolicy())
 
@@ -99,7 +106,6 @@ def test_negative_retry_after_means_retry_now() -> None:
 def test_nonsense_retry_after_is_ignored(hint: float) -> None:
     """NaN/inf hints fall back to backoff instead of sleeping forever or crashing."""
     error = RateLimited("429", retry_after=hint)
-    assert retry_within_attempt(error, RetryPolicy())
     assert wait_before_retry(error, 2, NO_JITTER, 0.0) == 2.0
     decision = decide_after_failure(error, 1, 5, NO_JITTER, 0.0)
     assert decision == RetryLater(delay_seconds=10.0)

@@ -404,6 +404,7 @@ class FakeOpenAI:
         self.rate_limit = rate_limit
         self.rate_window_seconds = rate_window_seconds
         self._admitted: list[float] = []
+        self._arrived: list[float] = []
         self._rate_limited = 0
         self._killable = killable or _is_descendant
         self._random = random.Random(seed)
@@ -513,13 +514,14 @@ class FakeOpenAI:
 
     def max_admitted_in_window(self) -> int:
         """The most calls admitted within any ``rate_window_seconds`` (what the limit bounds)."""
-        times = self.admissions()
-        most, first = 0, 0
-        for last, at in enumerate(times):
-            while at - times[first] >= self.rate_window_seconds:
-                first += 1
-            most = max(most, last - first + 1)
-        return most
+        return _most_within(self.admissions(), self.rate_window_seconds)
+
+    def max_arrived_in_window(self) -> int:
+        """The most calls that arrived, admitted or refused, within any ``rate_window_seconds``:
+        a client that keeps to the limit never brings more than ``rate_limit``."""
+        with self._lock:
+            arrived = list(self._arrived)
+        return _most_within(arrived, self.rate_window_seconds)
 
     @property
     def rate_limited(self) -> int:
@@ -558,6 +560,7 @@ class FakeOpenAI:
             self._successes.clear()
             self._faults.clear()
             self._admitted.clear()
+            self._arrived.clear()
             self._rate_limited = 0
             self._kills.clear()
             self._partials.clear()
@@ -582,6 +585,7 @@ class FakeOpenAI:
             return None
         with self._lock:
             now = time.monotonic()
+            self._arrived.append(now)
             window = [
                 at
                 for at in self._admitted[-self.rate_limit :]
@@ -1118,6 +1122,16 @@ def _pid_of_peer(client: tuple[str, int], server: tuple[str, int]) -> int | None
                 if tuple(conn.raddr) == server:
                     return int(proc.pid)
     return None
+
+
+def _most_within(times: list[float], window: float) -> int:
+    """The most of ``times`` (ascending) within any half-open span of ``window`` seconds."""
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 def _is_descendant(pid: int) -> bool:

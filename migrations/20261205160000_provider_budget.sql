@@ -16,8 +16,9 @@
 --   4. none: no 429 seen yet, no budget set. The claim then takes no lock and writes nothing.
 --
 -- The budget is a token bucket taken in the claim (no extra round trip): tokens accrue at the
--- rate, at most a tenth of a second's worth (at least one), so starts are spread evenly with
--- little burst, which is what a provider that counts calls in a sliding window needs.
+-- rate, at most a tenth of a second's worth (at least one, plus half a token of slack), so
+-- starts are spread evenly with little burst, which is what a provider that counts calls in a
+-- sliding window needs.
 --
 -- A rate-limit 429 (image_jobs_rate_limited) hands the job back to the queue without spending
 -- its attempt (its reply says 'queued' again, its place in the fair order kept) and pauses the
@@ -52,7 +53,8 @@ create table image_queue.provider_budget (
   decreases bigint not null default 0,
   updated_at timestamptz not null default now()
 );
-insert into image_queue.provider_budget default values;
+-- a full bucket at first use, whatever the rate
+insert into image_queue.provider_budget (tokens, refilled_at) values (0, '2000-01-01 00:00+00');
 revoke all on table image_queue.provider_budget from public, anon, authenticated;
 
 -- The rate in force (per minute, null = none) and where it comes from.
@@ -78,14 +80,17 @@ as $$
     end
 $$;
 
--- Tokens now (the bucket refilled up to its capacity), for a rate per minute.
+-- Tokens now (the bucket refilled up to its capacity), for a rate per minute. The capacity is a
+-- tenth of a second's worth (at least one), plus half a token: a listener that wakes for the
+-- next token a few milliseconds late then loses nothing (the next is due as if on time), at the
+-- price of at most one start half an interval early after the bucket stood full.
 create function image_queue.budget_tokens(b image_queue.provider_budget, p_per_minute double precision)
 returns double precision
 language sql stable
 set search_path = ''
 as $$
   select least(
-    greatest(1.0, p_per_minute / 600.0),
+    greatest(1.0, p_per_minute / 600.0) + 0.5,
     b.tokens + greatest(extract(epoch from now() - b.refilled_at), 0) * p_per_minute / 60.0
   )
 $$;

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from core.errors import OperatorError
+from listener.commands.budget import render_budget
 from listener.queue.calls import QueueCalls
 from listener.runtime.wiring import command_queue
 from listener.settings import Settings
@@ -47,6 +48,16 @@ def parse_since(
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def status_with_budget(failures: int) -> Callable[[QueueCalls], Awaitable[dict[str, Any]]]:
+    """The queue snapshot with the fleet's provider budget under ``provider_budget``."""
+
+    async def call(queue: QueueCalls) -> dict[str, Any]:
+        status = await queue.status(failures)
+        return {**status, "provider_budget": await queue.provider_budget()}
+
+    return call
+
+
 def render_status(status: Mapping[str, Any]) -> str:
     """The status snapshot as a readable report."""
     jobs = status["jobs"]
@@ -77,6 +88,8 @@ def render_status(status: Mapping[str, Any]) -> str:
             f"  {failure['failed_at']}  {failure['request_id']}  "
             f"[{failure.get('error_code') or '?'}] {failure['error']}"
         )
+    if status.get("provider_budget") is not None:
+        lines += ["", render_budget(status["provider_budget"])]
     return "\n".join(lines)
 
 

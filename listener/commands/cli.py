@@ -13,6 +13,7 @@
 ``quota``          per-user limits: ``set``, ``show``, ``remove`` (:mod:`.limits`)
 ``usage``          images, tokens and USD by user, or one user's by day
 ``prices``         USD per 1M tokens by model: ``set``, ``show``
+``budget``         the fleet's provider budget: show, ``--set N``, ``--clear`` (:mod:`.budget`)
 =================  ================================================================
 
 Every command exits 0 on success and non-zero on failure with a one-line reason on stderr
@@ -32,6 +33,7 @@ import click
 from core.errors import ImageListenerError, first_line
 from core.ports import ImageGenerator
 from listener.commands import embedded
+from listener.commands.budget import budget
 from listener.commands.common import (
     CommandFailed,
     admin_call,
@@ -200,10 +202,11 @@ def doctor(offline: bool, data_dir: Path) -> None:
 @click.option("--failures", default=10, show_default=True, help="Recent failures to list.")
 @dev_data_dir
 def status(as_json: bool, failures: int, data_dir: Path) -> None:
-    """Queue depth by state, oldest request, leases by worker, recent failures."""
+    """Queue depth by state, oldest request, leases by worker, recent failures, and the
+    fleet's provider budget (its rate, a pause)."""
     from listener.commands import admin
 
-    snapshot = admin_call(lambda queue: queue.status(failures), data_dir)
+    snapshot = admin_call(admin.status_with_budget(failures), data_dir)
     click.echo(admin.as_json(snapshot) if as_json else admin.render_status(snapshot))
 
 
@@ -356,6 +359,7 @@ def ask(
 cli.add_command(quota)
 cli.add_command(usage)
 cli.add_command(prices)
+cli.add_command(budget)
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 Each check is bounded in time and reports what an operator should fix; none of them prints a
 secret. The checks follow the mode's plan (:mod:`listener.runtime.wiring`): the queue (the
 database, or PostgREST), the wake-up channel (LISTEN or Realtime, or a note that polling
-replaces it), the image store, and the OpenAI key and model (unless ``--offline``).
+replaces it), the image store, the limits, prices and provider budget in the database, and
+the OpenAI key and model (unless ``--offline``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -75,6 +77,7 @@ def planned_checks(settings: Settings, *, offline: bool) -> list[tuple[str, Chec
         checks.append(("storage", lambda: _check_directory(settings.image_dir)))
     checks.append(("limits", lambda: _check_limits(settings)))
     checks.append(("prices", lambda: _check_price(settings)))
+    checks.append(("budget", lambda: _check_budget(settings)))
     if not offline:
         checks.append(("openai", lambda: _check_openai(settings)))
     return checks
@@ -145,6 +148,48 @@ async def _check_limits(settings: Settings) -> str:
     default = shown.get("default") or {}
     parts = [f"{key} {value}" for key, value in default.items() if value is not None]
     return "default: " + (", ".join(parts) if parts else "none (per-user overrides only)")
+
+
+async def _check_budget(settings: Settings) -> str:
+    async with command_queue(settings, call_timeout=CHECK_TIMEOUT_SECONDS) as queue:
+        shown = await queue.provider_budget()
+    return budget_line(shown, settings.provider_images_per_minute)
+
+
+def budget_line(budget: Mapping[str, Any], own: float | None) -> str:
+    """The fleet's provider budget against this listener's setting (``own``), in one line."""
+    source = budget.get("source")
+    rate = float(budget["per_minute"]) if budget.get("per_minute") is not None else 0.0
+    if budget.get("paused_until") is not None:
+        return Warn(
+            f"the fleet is paused after a rate-limit 429 until {budget['paused_until']} "
+            f"({budget.get('rate_limited', 0)} 429s in {budget.get('pauses', 0)} pauses so far)"
+        )
+    if source == "operator":
+        if own is not None and own != rate:
+            return Warn(
+                f"{rate:g}/min set by the operator wins over this listener's "
+                f"IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE={own:g}"
+            )
+        return f"{rate:g}/min set by the operator (`image-listener budget`)"
+    if source == "listeners":
+        if own is not None and own > rate:
+            return Warn(
+                f"another listener's {rate:g}/min is in force, below this one's {own:g}: "
+                "the smallest setting wins; make them agree"
+            )
+        return f"{rate:g}/min for the whole fleet (IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE)"
+    if own is not None:
+        return f"{own:g}/min for the whole fleet once this listener claims"
+    if source == "learned":
+        return (
+            f"{rate:.3g}/min learned from the provider's 429s; set "
+            "IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE to your organisation's limit to avoid them"
+        )
+    return (
+        "none set and no 429 seen: the fleet starts calls without limit and learns one from "
+        "429s; IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE sets your organisation's limit"
+    )
 
 
 async def _check_price(settings: Settings) -> str:

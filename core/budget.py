@@ -22,8 +22,10 @@ HELD_BY = ("budget", "pause")
 class NextStart:
     """The answer of ``image_jobs_next_start``: when to claim next, and the budget as it stands."""
 
-    #: when a job may be claimed (None: the queue is empty)
+    #: when a job may be claimed (None: the queue is empty) ...
     due_at: datetime | None
+    #: ... and how long from now that is, by the database's clock
+    wait_seconds: float | None
     #: ``budget`` (waiting for a token), ``pause`` (the fleet paused after a 429), or None
     held_by: str | None
     #: the rate in force (None: no budget and nothing learned) and where it comes from:
@@ -40,6 +42,7 @@ class NextStart:
             raise ValueError(f"unknown held_by {held_by!r}")
         return cls(
             due_at=_timestamp(row.get("due_at")),
+            wait_seconds=_number(row.get("wait_seconds")),
             held_by=held_by,
             per_minute=_number(row.get("per_minute")),
             source=str(row.get("source") or "none"),

@@ -7,18 +7,17 @@
 --   2. the smallest IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE among the listeners that claimed
 --      within the last two minutes (each claim announces its setting; a listener that stopped
 --      stops counting after two minutes, so a larger value can take over);
---   3. the learned rate: with no budget set, the first rate-limit 429 starts it (a first guess:
---      the calls in flight that were not refused, over the provider's pause), each 429 that
---      starts a later pause lowers it (x 0.85), and each call started while the budget held
---      claims back raises it by a fixed step (3/800 of the rate before the last decrease, at
---      least 1 per minute: about 40 calls to climb back) -- additive increase, multiplicative
---      decrease;
+--   3. the learned rate: with no budget set, the first rate-limit 429 starts it (a first
+--      guess: the calls started within the provider's pause that were not refused, over it),
+--      each 429 that starts a later pause lowers it (x 0.85), and each call started while the
+--      budget held claims back raises it by a fixed step (3/800 of the rate before the last
+--      decrease, at least 1 per minute: about 40 calls to climb back) -- additive increase,
+--      multiplicative decrease;
 --   4. none: no 429 seen yet, no budget set. The claim then takes no lock and writes nothing.
 --
 -- The budget is a token bucket taken in the claim (no extra round trip): tokens accrue at the
--- rate, at most a tenth of a second's worth (at least one, plus half a token of slack), so
--- starts are spread evenly with little burst, which is what a provider that counts calls in a
--- sliding window needs.
+-- rate, at most a tenth of a second's worth (at least one), so starts are spread evenly with
+-- little burst, which is what a provider that counts calls in a sliding window needs.
 --
 -- A rate-limit 429 (image_jobs_rate_limited) hands the job back to the queue without spending
 -- its attempt (its reply says 'queued' again, its place in the fair order kept) and pauses the
@@ -81,16 +80,18 @@ as $$
 $$;
 
 -- Tokens now (the bucket refilled up to its capacity), for a rate per minute. The capacity is a
--- tenth of a second's worth (at least one), plus half a token: a listener that wakes for the
--- next token a few milliseconds late then loses nothing (the next is due as if on time), at the
--- price of at most one start half an interval early after the bucket stood full.
+-- tenth of a second's worth, at least one: no slack for a claim that comes late for its token
+-- (the next is due a full interval after it), so that any N successive starts span at least
+-- N intervals, as a provider counting calls in a sliding window requires at its exact limit.
+-- A listener waits for its token the time the database tells it (image_jobs_next_start), so
+-- it is late by one timer and one round trip: about 1% of the rate at 5 calls per second.
 create function image_queue.budget_tokens(b image_queue.provider_budget, p_per_minute double precision)
 returns double precision
 language sql stable
 set search_path = ''
 as $$
   select least(
-    greatest(1.0, p_per_minute / 600.0) + 0.5,
+    greatest(1.0, p_per_minute / 600.0),
     b.tokens + greatest(extract(epoch from now() - b.refilled_at), 0) * p_per_minute / 60.0
   )
 $$;
@@ -234,10 +235,15 @@ begin
     if not was_paused then
       b.guess_pause_seconds := null;
       if b.learned_per_minute is null then
-        -- The first 429: the other calls in flight per the provider's pause (at least one);
-        -- those that come back 429 in this pause too take themselves out of it below.
-        select count(*) into running from image_queue.jobs j where j.state = 'running';
+        -- The first 429: the calls the fleet started within the provider's pause (those in
+        -- flight, and those completed within it), other than this one, per that pause (a
+        -- sliding window frees its first slot after it); each other call that comes back 429
+        -- in this pause takes itself out below. It errs high, which costs little.
         b.guess_pause_seconds := greatest(pause, 1.0);
+        select (select count(*) from image_queue.jobs j where j.state = 'running')
+             + (select count(*) from image_queue.usage u
+                where u.completed_at >= now() - make_interval(secs => b.guess_pause_seconds))
+          into running;
         b.learned_per_minute := 60.0 * greatest(running, 1) / b.guess_pause_seconds;
       else
         b.learned_per_minute := greatest(1.0, b.learned_per_minute * 0.85);
@@ -268,11 +274,13 @@ end
 $$;
 
 -- When an idle listener should claim next: the queue's next due time, no earlier than the next
--- token or the pause's end. held_by says why it is later than the queue alone would say
--- ('budget', 'pause' or null); the rest describes the budget as it stands.
+-- token or the pause's end, and how many seconds from now that is by the database's clock (a
+-- listener sleeps that long, whatever its own clock says). held_by says why it is later than the
+-- queue alone would say ('budget', 'pause' or null); the rest describes the budget as it stands.
 create function public.image_jobs_next_start()
 returns table (
   due_at timestamptz,
+  wait_seconds double precision,
   held_by text,
   per_minute double precision,
   source text,
@@ -305,9 +313,12 @@ begin
       gate_kind := 'budget';
     end if;
   end if;
+  -- (greatest ignores nulls: an empty queue, due null, stays null)
   return query select
-    case when due is null then null else greatest(due, gate) end,
-    case when due is not null and gate > due then gate_kind end,
+    case when due is not null then greatest(due, gate) end,
+    case when due is not null
+         then greatest(extract(epoch from greatest(due, gate) - now())::double precision, 0) end,
+    case when gate > due then gate_kind end,
     rate.per_minute, rate.source, available,
     case when b.paused_until > now() then b.paused_until end;
 end

@@ -157,12 +157,13 @@ class Worker:
                 ahead = await self._store.next_start()
             except ImageListenerError:
                 ahead = None
-            due = ahead.due_at if ahead is not None else None
             if ahead is not None and self._metrics is not None:
                 self._metrics.observe_next_start(ahead)
-            if due is not None:
-                until_due = (due - datetime.now(UTC)).total_seconds()
-                timeout = max(0.0, min(timeout, until_due + 0.01))
+            if ahead is not None and ahead.wait_seconds is not None:
+                # By the database's clock. A token is due exactly then (waking late costs the
+                # fleet that much of its rate); a retry or an expiring lease may wait 10 ms more.
+                margin = 0.001 if ahead.held_by is not None else 0.01
+                timeout = max(0.0, min(timeout, ahead.wait_seconds + margin))
         await _wait(self._wake, seconds=timeout)
 
     def _start(self, job: ClaimedJob, confirmed_at: float) -> None:

@@ -180,6 +180,36 @@ async def test_next_due_is_none_for_an_empty_queue(queue: QueueCalls) -> None:
     assert await queue.next_due() is None
 
 
+async def test_the_budget_calls(queue: QueueCalls, db: Conn) -> None:
+    """The claim within a listener's budget, a 429 handed back (requeued, the fleet paused),
+    the next start, and the operator's budget, each through both transports."""
+    user, chat = new_chat(db)
+    first = insert_request(db, user, chat, "a lighthouse")
+    insert_request(db, user, chat, "a harbour")
+    [job] = await queue.claim(WORKER, 5, LEASE, 3, images_per_minute=30)
+    assert job.request_id == first  # one token: one job of the two
+    ahead = await queue.next_start()
+    assert (ahead.held_by, ahead.per_minute, ahead.source) == ("budget", 30.0, "listeners")
+    assert ahead.due_at is not None
+    assert ahead.due_at > datetime.now(UTC)
+    result = await queue.rate_limited(job, WORKER, retry_after=5.0, detail="429 ipm")
+    assert result is WriteResult.DONE
+    assert job_of(db, first)["state"] == "queued"  # type: ignore[index]
+    ahead = await queue.next_start()
+    assert ahead.held_by == "pause"
+    assert ahead.paused_until is not None
+    assert await queue.rate_limited(job, WORKER, retry_after=5.0, detail="again") is (
+        WriteResult.LEASE_LOST
+    )
+    shown = await queue.provider_budget()
+    assert (shown["rate_limited"], shown["pauses"]) == (1, 1)
+    shown = await queue.provider_budget_set(120, forget_learned=True)
+    assert (shown["per_minute"], shown["source"], shown["paused_until"]) == (120, "operator", None)
+    with pytest.raises(OperatorError, match="images per minute must be a positive number"):
+        await queue.provider_budget_set(-1)
+    assert (await queue.provider_budget_set(None))["source"] == "listeners"
+
+
 async def test_status_and_the_operator_actions(queue: QueueCalls, db: Conn) -> None:
     failed = await claim_one(queue, db, "will fail")
     await queue.fail(

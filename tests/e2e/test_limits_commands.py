@@ -100,3 +100,33 @@ def test_a_frontend_over_its_daily_limit_is_refused_and_costs_are_counted(rig: M
     by_day = run(rig, "usage", "--user", str(user))
     assert by_day.splitlines()[0].startswith("day (UTC)")
     assert len(reply_of(rig.db, requests[0])) == 1
+
+
+def test_budget_show_set_clear_and_in_status(rig: ModeRig) -> None:
+    """The operator's provider budget, in both modes; status shows it and a pause."""
+    assert "none: no budget set, no 429 seen" in run(rig, "budget")
+    shown = run(rig, "budget", "--set", "120")
+    assert "120/min   set by the operator" in shown
+    assert json.loads(run(rig, "budget", "--json"))["per_minute"] == 120
+    rig.db.execute("update image_queue.provider_budget set paused_until = now() + interval '30 s'")
+    status = run(rig, "status")
+    assert "provider budget" in status
+    assert "PAUSED   for" in status
+    assert json.loads(run(rig, "status", "--json"))["provider_budget"]["source"] == "operator"
+    cleared = run(rig, "budget", "--clear", "--forget-learned")
+    assert "none: no budget set" in cleared
+    assert "paused   no" in cleared
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--set", "0"], "above 0"),
+        (["--set", "fast"], "give a number of images per minute"),
+        (["--set", "5", "--clear"], "not both"),
+    ],
+)
+def test_budget_refuses_bad_input(rig: ModeRig, args: list[str], says: str) -> None:
+    result = cli("budget", *args, env=rig.env)
+    assert result.returncode == 2
+    assert says in result.stderr

@@ -73,9 +73,12 @@ def test_each_plan_builds_its_wakeup_source_and_image_store(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("environ", "names"),
     [
-        (DATABASE, ["database", "listen", "storage", "limits", "prices", "openai"]),
-        (SUPABASE, ["postgrest", "realtime", "storage", "limits", "prices", "openai"]),
-        (DATABASE | SUPABASE, ["database", "listen", "storage", "limits", "prices", "openai"]),
+        (DATABASE, ["database", "listen", "storage", "limits", "prices", "budget", "openai"]),
+        (SUPABASE, ["postgrest", "realtime", "storage", "limits", "prices", "budget", "openai"]),
+        (
+            DATABASE | SUPABASE,
+            ["database", "listen", "storage", "limits", "prices", "budget", "openai"],
+        ),
     ],
 )
 def test_doctor_checks_one_line_per_part_of_the_plan(

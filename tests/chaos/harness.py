@@ -288,7 +288,9 @@ class ChaosRun:
     ) -> ScenarioResult:
         """Judge every request (see the module docstring) and build the scenario's figures."""
         outcomes = list(outcomes)
-        calls = self.fake.call_counts()
+        # A rate-limit 429 costs the request nothing (no attempt, no try): not counted.
+        limited = self.fake.rate_limited_counts()
+        calls = {p: n - limited.get(p, 0) for p, n in self.fake.call_counts().items()}
         successes = self.fake.success_counts()
         result = ScenarioResult(
             name=self.name,

@@ -4,7 +4,9 @@ The fake server turns 20% of the calls that would succeed into one of: a 429 wit
 ``retry-after``, a 500, a hang longer than the client's timeout, or a dropped connection (evenly,
 from a seeded generator). Every one of those is transient, so every request must still end
 ``complete``, and none may be charged more calls than the policy allows:
-``MAX_ATTEMPTS * TRIES_PER_ATTEMPT`` (quick retries within a claim, times claims).
+``MAX_ATTEMPTS * TRIES_PER_ATTEMPT`` (quick retries within a claim, times claims). A 429 is
+charged nothing (the request goes back to the queue with its attempt, and the fleet pauses), so
+the calls answered 429 do not count against that bound.
 """
 
 from __future__ import annotations

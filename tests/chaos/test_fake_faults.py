@@ -92,3 +92,18 @@ def test_kill_caller_refuses_a_caller_that_is_not_its_child() -> None:
         status, _ = _call(fake, "x [fake:kill-caller]")
         assert status == 400
         assert fake.kills() == []
+
+
+def test_rate_limit_429s_are_counted_per_prompt_whatever_sent_them() -> None:
+    """The server-wide limit and a scripted 429 both count; a billing 429 does not."""
+    with FakeOpenAI(rate_limit=1, rate_window_seconds=30) as fake:
+        assert _call(fake, "first")[0] == 200
+        assert _call(fake, "second")[0] == 429  # the window is full
+        assert _call(fake, "second")[0] == 429
+        fake.rate_limit = None
+        assert _call(fake, "scripted [fake:fail=429]")[0] == 429
+        assert _call(fake, "quota [fake:status=billing]")[0] == 429
+        assert fake.rate_limited_counts() == {"second": 2, "scripted [fake:fail=429]": 1}
+        assert fake.rate_limited == 2
+        assert fake.max_arrived_in_window() == 3
+        assert fake.max_admitted_in_window() == 1

@@ -413,6 +413,7 @@ class FakeOpenAI:
         self._counts: Counter[str] = Counter()
         self._successes: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
+        self._limited: Counter[str] = Counter()
         self._kills: list[int] = []
         self._partials: list[tuple[str, int, float]] = []
         self._recorded: deque[RecordedRequest] = deque(maxlen=_MAX_RECORDED)
@@ -507,6 +508,12 @@ class FakeOpenAI:
         with self._lock:
             return sum(self._faults.values())
 
+    def rate_limited_counts(self) -> dict[str, int]:
+        """Rate-limit 429s (``rate_limit_exceeded``) answered per prompt, whatever sent them
+        (the server-wide limit, a fault, a script): calls that cost a request no attempt."""
+        with self._lock:
+            return dict(self._limited)
+
     def admissions(self) -> list[float]:
         """When each call was admitted by the rate limit (``time.monotonic()``), in order."""
         with self._lock:
@@ -559,6 +566,7 @@ class FakeOpenAI:
             self._recorded.clear()
             self._successes.clear()
             self._faults.clear()
+            self._limited.clear()
             self._admitted.clear()
             self._arrived.clear()
             self._rate_limited = 0
@@ -630,6 +638,10 @@ class FakeOpenAI:
     def _record_partial(self, prompt: str, index: int) -> None:
         with self._lock:
             self._partials.append((prompt, index, time.time()))
+
+    def _count_rate_limited(self, prompt: str) -> None:
+        with self._lock:
+            self._limited[prompt] += 1
 
     def _count_success(self, prompt: str) -> None:
         with self._lock:
@@ -833,6 +845,7 @@ class _Handler(BaseHTTPRequestHandler):
         except DirectiveError as exc:
             raise _invalid("prompt", f"fake server: {exc}", "bad_fake_directive") from None
         if (refusal := fake._admit()) is not None:
+            fake._count_rate_limited(prompt)
             raise _Reply(refusal)
         fake._sleep(script.delay)
         step = script.step_for(call_number)
@@ -853,6 +866,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if step.kind == "error":
+            if step.status == 429 and step.code == "rate_limit_exceeded":
+                fake._count_rate_limited(prompt)
             if step.status == 401 and step.message:
                 step = replace(step, message=step.message.format(masked=_mask(key)))
             raise _Reply(step)

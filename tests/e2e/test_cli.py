@@ -258,9 +258,11 @@ def test_doctor_reports_one_line_per_dependency(env: dict[str, str]) -> None:
         ["ok", "storage"],
         ["warn", "limits"],  # a fresh database limits nobody: a warning, exit status 0
         ["ok", "prices"],
+        ["ok", "budget"],
         ["ok", "openai"],
     ]
     assert "image-listener quota set --default" in lines[3]
+    assert "none set and no 429 seen" in lines[5]
     assert API_KEY not in result.stdout + result.stderr
 
 
@@ -272,7 +274,7 @@ def test_doctor_fails_with_a_reason_for_a_rejected_key_and_an_unknown_model(
     assert "FAIL  openai" in rejected.stdout
     assert "status=401" in rejected.stdout
     assert "sk-rejected-key-123" not in rejected.stdout + rejected.stderr
-    assert rejected.stderr.strip() == "image-listener: error: 1 of 6 checks failed: openai"
+    assert rejected.stderr.strip() == "image-listener: error: 1 of 7 checks failed: openai"
     unknown = cli("doctor", env={**env, "IMAGE_LISTENER_MODEL": "gpt-image-unknown"})
     assert unknown.returncode == 1
     assert "FAIL  openai" in unknown.stdout

@@ -119,6 +119,7 @@ def test_doctor_checks_postgrest_realtime_storage_and_openai(rig: ModeRig) -> No
         ["ok", "storage"],
         ["warn", "limits"],  # over PostgREST too: a fresh database limits nobody
         ["ok", "prices"],
+        ["ok", "budget"],  # over PostgREST too
         ["ok", "openai"],
     ]
     assert rig.env["SUPABASE_SERVICE_ROLE_KEY"] not in result.stdout + result.stderr

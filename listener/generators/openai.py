@@ -41,6 +41,7 @@ from core.models import (
     TokenUsage,
 )
 from core.ports import PartialSink
+from listener.generators.http import AioHttpClient
 
 #: Used when no base URL is configured, so the SDK never falls back to ``OPENAI_BASE_URL``:
 #: configuration is read in one place (the CLI settings), not by libraries behind our back.
@@ -85,7 +86,8 @@ def build_openai_client(
     API sends nothing until the image is done. HTTP goes through the SDK's aiohttp transport
     (``openai[aiohttp]``): the default httpx2/httpcore2/anyio stack cost 0.79 ms of CPU per
     call against 0.54 ms for aiohttp (``bench/FINDINGS.md``), and the listener is CPU-bound on
-    exactly this call when the provider is fast.
+    exactly this call when the provider is fast. Its sessions read with a small buffer, so
+    that answers waiting for a body slot stay in the kernel (:mod:`listener.generators.http`).
     """
     if not math.isfinite(timeout_seconds) or timeout_seconds <= 0:
         raise ValueError(f"timeout_seconds must be a positive number, got {timeout_seconds!r}")
@@ -96,7 +98,7 @@ def build_openai_client(
             timeout_seconds, connect=min(timeout_seconds, _CONNECT_TIMEOUT_SECONDS)
         ),
         max_retries=0,
-        http_client=openai.DefaultAioHttpClient(),
+        http_client=AioHttpClient(),
     )
 
 

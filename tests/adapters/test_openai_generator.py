@@ -15,8 +15,10 @@ import sys
 import threading
 import time
 import traceback
+import tracemalloc
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -641,6 +643,35 @@ async def test_large_bodies_are_decoded_off_the_event_loop_and_small_ones_on_it(
     assert small.data.startswith(b"\x89PNG")
     assert threads[0] != threading.main_thread().name
     assert threads[1] == threading.main_thread().name
+
+
+async def test_an_answer_waiting_for_a_body_slot_stays_in_the_kernel() -> None:
+    """What a ~2 MB answer waiting for a body slot holds in the process is what was read before
+    aiohttp paused its socket: one read (at most 256 KB) with the client's small read buffer,
+    against 512 KB or more with aiohttp's default; the rest waits in the kernel. With hundreds
+    waiting, that was most of the listener's memory (bench/FINDINGS.md, "Large images")."""
+    waiting = 4
+    with FakeOpenAI(image_bytes=1_500_000) as big_fake:
+        sdk = build_openai_client(API_KEY, big_fake.base_url, 5.0)
+        try:
+            await OpenAIImageGenerator(sdk).generate(params("a first cat"))  # the fake's cache
+            tracemalloc.start()
+            try:
+                async with AsyncExitStack() as stack:
+                    for i in range(waiting):
+                        call = sdk.images.with_streaming_response.generate(
+                            prompt=f"a waiting cat {i}", model="gpt-image-2"
+                        )
+                        await stack.enter_async_context(call)
+                    await asyncio.sleep(0.5)  # the answers are sent at once: time to arrive
+                    snapshot = tracemalloc.take_snapshot()
+            finally:
+                tracemalloc.stop()
+        finally:
+            await sdk.close()
+    in_aiohttp = snapshot.filter_traces([tracemalloc.Filter(True, "*/aiohttp/*")])
+    held = sum(stat.size for stat in in_aiohttp.statistics("filename"))
+    assert held < waiting * 300_000
 
 
 async def test_at_most_decode_slots_large_bodies_are_decoded_at_once(

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from core.errors import (
@@ -720,6 +722,66 @@ def test_a_200_without_a_usable_image_is_a_transient_provider_fault(
         openai_generator.decode_images_response(body, "req_1", "png")
     assert detail in caught.value.detail
     assert "req_1" in caught.value.detail
+
+
+_IMAGES = st.binary(min_size=1, max_size=300)
+_TEXT = st.text(alphabet='ab"\\/:{} \n', max_size=20)
+
+
+@given(
+    image=_IMAGES,
+    other=_IMAGES,
+    text=_TEXT,
+    decoy_first=st.booleans(),
+    escape_slashes=st.booleans(),
+    indent=st.sampled_from([None, 1]),
+)
+def test_the_image_is_taken_from_the_body_as_a_json_parser_would(
+    image: bytes,
+    other: bytes,
+    text: str,
+    decoy_first: bool,
+    escape_slashes: bool,
+    indent: int | None,
+) -> None:
+    """Large answers are decoded without parsing the base64 as JSON (see ``_splice_image``);
+    whatever the layout (another ``b64_json`` before the image's, a string that spells the key,
+    escaped slashes, whitespace), the image is ``data[0].b64_json``, as ``json.loads`` says."""
+    encoded = base64.b64encode(image).decode()
+    decoy = {"b64_json": base64.b64encode(other).decode(), "note": text}
+    answer: dict[str, object] = {"revised": f'"b64_json":"{text}', "usage": {"input_tokens": 3}}
+    items = [{"b64_json": encoded, "note": text}, decoy]
+    answer = {"decoy": decoy, **answer, "data": items} if decoy_first else {"data": items, **answer}
+    body = json.dumps(answer, indent=indent).encode()
+    if escape_slashes:
+        body = body.replace(b"/", b"\\/")
+    decoded = openai_generator.decode_images_response(bytearray(body), "req_3", "png")
+    assert decoded.data == image
+    assert decoded.usage.input_tokens == 3
+
+
+def test_decoding_a_large_answer_takes_little_more_memory_than_the_image() -> None:
+    """Parsing a 2 MB answer as JSON holds its text and the base64 string (2 MB each) next to
+    the image; decoded from the body itself, the image (1.5 MB) is nearly all that is new."""
+    image = random.Random(4).randbytes(1_500_000)
+    answer = {
+        "created": 1,
+        "background": "opaque",
+        "data": [{"b64_json": base64.b64encode(image).decode()}],
+        "output_format": "png",
+        "usage": {"input_tokens": 5, "output_tokens": 1056, "total_tokens": 1061},
+    }
+    body = json.dumps(answer).encode()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = openai_generator.decode_images_response(body, "req_4", "png")
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert decoded.data == image
+    assert decoded.usage.total_tokens == 1061
+    assert peak < len(image) + 100_000
 
 
 def test_reported_format_and_usage_are_taken_only_when_well_formed() -> None:

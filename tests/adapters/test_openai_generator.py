@@ -848,6 +848,21 @@ async def test_a_stream_hands_over_each_partial_image_then_returns_the_final_one
     assert all(a < next_sent for a, next_sent in zip(arrived, sent[1:], strict=False))
 
 
+async def test_a_streamed_large_image_arrives_whole_through_the_small_read_buffer() -> None:
+    """The completed event of a 1.5 MB image is one 2 MB server-sent-event line, read through
+    the client's 16 KiB read buffer (``listener/generators/http.py``) and decoded in a thread."""
+    sink = Partials()
+    with FakeOpenAI(image_bytes=1_500_000) as big_fake:
+        sdk = build_openai_client(API_KEY, big_fake.base_url, 5.0)
+        try:
+            image = await OpenAIImageGenerator(sdk).generate(streamed("a big lighthouse"), sink)
+        finally:
+            await sdk.close()
+    assert len(sink.received) == 2
+    assert len(image.data) > 1_400_000
+    assert read_png_size(image.data) == (1024, 1024)
+
+
 async def test_without_a_sink_or_with_zero_partials_the_call_is_not_streamed(
     fake: FakeOpenAI, generator: OpenAIImageGenerator
 ) -> None:

@@ -41,6 +41,7 @@ from core.models import (
     TokenUsage,
 )
 from core.ports import PartialSink
+from listener.generators.http import AioHttpClient
 
 #: Used when no base URL is configured, so the SDK never falls back to ``OPENAI_BASE_URL``:
 #: configuration is read in one place (the CLI settings), not by libraries behind our back.
@@ -85,7 +86,8 @@ def build_openai_client(
     API sends nothing until the image is done. HTTP goes through the SDK's aiohttp transport
     (``openai[aiohttp]``): the default httpx2/httpcore2/anyio stack cost 0.79 ms of CPU per
     call against 0.54 ms for aiohttp (``bench/FINDINGS.md``), and the listener is CPU-bound on
-    exactly this call when the provider is fast.
+    exactly this call when the provider is fast. Its sessions read with a small buffer, so
+    that answers waiting for a body slot stay in the kernel (:mod:`listener.generators.http`).
     """
     if not math.isfinite(timeout_seconds) or timeout_seconds <= 0:
         raise ValueError(f"timeout_seconds must be a positive number, got {timeout_seconds!r}")
@@ -96,7 +98,7 @@ def build_openai_client(
             timeout_seconds, connect=min(timeout_seconds, _CONNECT_TIMEOUT_SECONDS)
         ),
         max_retries=0,
-        http_client=openai.DefaultAioHttpClient(),
+        http_client=AioHttpClient(),
     )
 
 
@@ -136,7 +138,7 @@ class OpenAIImageGenerator:
                 request_id = response.request_id
                 async with self._body_slots:
                     async with asyncio.timeout(_BODY_READ_SECONDS):
-                        body = await response.read()
+                        body = await _read_body(response)
                     if len(body) <= _INLINE_DECODE_BYTES:
                         return decode_images_response(body, request_id, params.output_format)
                     async with self._decode_slots:
@@ -278,8 +280,17 @@ def _optional(params: GenerationParams) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+async def _read_body(response: Any) -> bytearray:
+    """The body in one growing buffer: the SDK's ``read`` keeps every 16 KiB chunk until it
+    joins them, so each body slot held the body twice at the end of its read."""
+    body = bytearray()
+    async for chunk in response.iter_bytes():
+        body += chunk
+    return body
+
+
 def decode_images_response(
-    body: bytes, request_id: str | None, requested_format: str
+    body: bytes | bytearray, request_id: str | None, requested_format: str
 ) -> GeneratedImage:
     """The first image of an Images API JSON body, decoded; a pure function, run in a thread
     for large bodies so that a 2 MB ``json.loads`` and base64 decode do not stall the loop.
@@ -287,6 +298,10 @@ def decode_images_response(
     A 200 without usable image data is a provider fault, not the user's: it is reported as
     transient, so the next call (which the API bills separately) gets a chance.
     """
+    spliced = _splice_image(body)
+    if spliced is not None:
+        rest, view = spliced
+        return image_from_payload(rest, view, request_id, requested_format)
     try:
         payload = json.loads(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -302,17 +317,51 @@ def decode_images_response(
     return image_from_payload(payload, encoded, request_id, requested_format)
 
 
+#: where the first image's base64 starts: ``"b64_json"``, the colon, the opening quote
+_B64_JSON_VALUE = re.compile(rb'"b64_json"[ \t\r\n]*:[ \t\r\n]*"')
+
+
+def _splice_image(body: bytes | bytearray) -> tuple[dict[str, Any], memoryview] | None:
+    """The answer's JSON without its image, and the image's base64 as a view of ``body``;
+    ``None`` when that cannot be proven, and the caller parses the whole body as JSON.
+
+    Parsing the whole body holds it, its text and the base64 string (2 MB each) before the
+    image is decoded. Base64 needs no JSON escapes: the value runs from the opening quote to
+    the next quote, unless it holds a backslash (``\\/`` is legal JSON). The rest, with that
+    value emptied, must parse and name the emptied value as ``data[0].b64_json``: a match
+    anywhere else (another item, a nested object) leaves that field non-empty.
+    """
+    match = _B64_JSON_VALUE.search(body)
+    if match is None:
+        return None
+    start = match.end()
+    end = body.find(b'"', start)
+    if end <= start or body.find(b"\\", start, end) >= 0:
+        return None
+    try:
+        payload = json.loads(body[:start] + body[end:])
+    except ValueError:
+        return None
+    data = payload.get("data") if isinstance(payload, dict) else None
+    first = data[0] if isinstance(data, list) and data else None
+    if not isinstance(first, dict) or first.get("b64_json") != "":
+        return None
+    return payload, memoryview(body)[start:end]
+
+
 def image_from_payload(
     payload: Mapping[str, Any], encoded: object, request_id: str | None, requested_format: str
 ) -> GeneratedImage:
     """The image of a JSON answer, or of a stream's ``completed`` event: base64 ``encoded``
-    decoded, with the format and token usage the payload reports."""
-    if not isinstance(encoded, str) or not encoded:
+    (a string, or a view of the body's ASCII) decoded, with the format and token usage the
+    payload reports."""
+    if not isinstance(encoded, str | memoryview) or not encoded:
         raise ProviderUnavailable(
             f"openai images.generate returned no b64_json image (request_id={request_id})"
         )
     try:
-        image = base64.b64decode(encoded, validate=True)
+        # not base64.b64decode: it copies a string or a view into bytes first (2 MB more)
+        image = binascii.a2b_base64(encoded, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise ProviderUnavailable(
             f"openai images.generate returned invalid base64 image data (request_id={request_id})"

@@ -15,13 +15,17 @@ import sys
 import threading
 import time
 import traceback
+import tracemalloc
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from core.errors import (
@@ -648,6 +652,35 @@ async def test_large_bodies_are_decoded_off_the_event_loop_and_small_ones_on_it(
     assert threads[1] == threading.main_thread().name
 
 
+async def test_an_answer_waiting_for_a_body_slot_stays_in_the_kernel() -> None:
+    """What a ~2 MB answer waiting for a body slot holds in the process is what was read before
+    aiohttp paused its socket: one read (at most 256 KB) with the client's small read buffer,
+    against 512 KB or more with aiohttp's default; the rest waits in the kernel. With hundreds
+    waiting, that was most of the listener's memory (bench/FINDINGS.md, "Large images")."""
+    waiting = 4
+    with FakeOpenAI(image_bytes=1_500_000) as big_fake:
+        sdk = build_openai_client(API_KEY, big_fake.base_url, 5.0)
+        try:
+            await OpenAIImageGenerator(sdk).generate(params("a first cat"))  # the fake's cache
+            tracemalloc.start()
+            try:
+                async with AsyncExitStack() as stack:
+                    for i in range(waiting):
+                        call = sdk.images.with_streaming_response.generate(
+                            prompt=f"a waiting cat {i}", model="gpt-image-2"
+                        )
+                        await stack.enter_async_context(call)
+                    await asyncio.sleep(0.5)  # the answers are sent at once: time to arrive
+                    snapshot = tracemalloc.take_snapshot()
+            finally:
+                tracemalloc.stop()
+        finally:
+            await sdk.close()
+    in_aiohttp = snapshot.filter_traces([tracemalloc.Filter(True, "*/aiohttp/*")])
+    held = sum(stat.size for stat in in_aiohttp.statistics("filename"))
+    assert held < waiting * 300_000
+
+
 async def test_at_most_decode_slots_large_bodies_are_decoded_at_once(
     client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -694,6 +727,66 @@ def test_a_200_without_a_usable_image_is_a_transient_provider_fault(
         openai_generator.decode_images_response(body, "req_1", "png")
     assert detail in caught.value.detail
     assert "req_1" in caught.value.detail
+
+
+_IMAGES = st.binary(min_size=1, max_size=300)
+_TEXT = st.text(alphabet='ab"\\/:{} \n', max_size=20)
+
+
+@given(
+    image=_IMAGES,
+    other=_IMAGES,
+    text=_TEXT,
+    decoy_first=st.booleans(),
+    escape_slashes=st.booleans(),
+    indent=st.sampled_from([None, 1]),
+)
+def test_the_image_is_taken_from_the_body_as_a_json_parser_would(
+    image: bytes,
+    other: bytes,
+    text: str,
+    decoy_first: bool,
+    escape_slashes: bool,
+    indent: int | None,
+) -> None:
+    """Large answers are decoded without parsing the base64 as JSON (see ``_splice_image``);
+    whatever the layout (another ``b64_json`` before the image's, a string that spells the key,
+    escaped slashes, whitespace), the image is ``data[0].b64_json``, as ``json.loads`` says."""
+    encoded = base64.b64encode(image).decode()
+    decoy = {"b64_json": base64.b64encode(other).decode(), "note": text}
+    answer: dict[str, object] = {"revised": f'"b64_json":"{text}', "usage": {"input_tokens": 3}}
+    items = [{"b64_json": encoded, "note": text}, decoy]
+    answer = {"decoy": decoy, **answer, "data": items} if decoy_first else {"data": items, **answer}
+    body = json.dumps(answer, indent=indent).encode()
+    if escape_slashes:
+        body = body.replace(b"/", b"\\/")
+    decoded = openai_generator.decode_images_response(bytearray(body), "req_3", "png")
+    assert decoded.data == image
+    assert decoded.usage.input_tokens == 3
+
+
+def test_decoding_a_large_answer_takes_little_more_memory_than_the_image() -> None:
+    """Parsing a 2 MB answer as JSON holds its text and the base64 string (2 MB each) next to
+    the image; decoded from the body itself, the image (1.5 MB) is nearly all that is new."""
+    image = random.Random(4).randbytes(1_500_000)
+    answer = {
+        "created": 1,
+        "background": "opaque",
+        "data": [{"b64_json": base64.b64encode(image).decode()}],
+        "output_format": "png",
+        "usage": {"input_tokens": 5, "output_tokens": 1056, "total_tokens": 1061},
+    }
+    body = json.dumps(answer).encode()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoded = openai_generator.decode_images_response(body, "req_4", "png")
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert decoded.data == image
+    assert decoded.usage.total_tokens == 1061
+    assert peak < len(image) + 100_000
 
 
 def test_reported_format_and_usage_are_taken_only_when_well_formed() -> None:
@@ -758,6 +851,21 @@ async def test_a_stream_hands_over_each_partial_image_then_returns_the_final_one
     sent = [at for _, at in fake.partials_sent(prompt)]
     arrived = [at for _, _, at in sink.received]
     assert all(a < next_sent for a, next_sent in zip(arrived, sent[1:], strict=False))
+
+
+async def test_a_streamed_large_image_arrives_whole_through_the_small_read_buffer() -> None:
+    """The completed event of a 1.5 MB image is one 2 MB server-sent-event line, read through
+    the client's 16 KiB read buffer (``listener/generators/http.py``) and decoded in a thread."""
+    sink = Partials()
+    with FakeOpenAI(image_bytes=1_500_000) as big_fake:
+        sdk = build_openai_client(API_KEY, big_fake.base_url, 5.0)
+        try:
+            image = await OpenAIImageGenerator(sdk).generate(streamed("a big lighthouse"), sink)
+        finally:
+            await sdk.close()
+    assert len(sink.received) == 2
+    assert len(image.data) > 1_400_000
+    assert read_png_size(image.data) == (1024, 1024)
 
 
 async def test_without_a_sink_or_with_zero_partials_the_call_is_not_streamed(

@@ -261,7 +261,8 @@ async def _check_directory(directory: Path) -> str:
 async def _check_openai(settings: Settings) -> str:
     import openai
 
-    from listener.generators.openai import build_openai_client, translate_openai_error
+    from listener.generators.openai import build_openai_client
+    from listener.generators.openai_errors import translate_openai_error
 
     key = settings.require_openai_api_key()
     client = build_openai_client(key, settings.openai_base_url, CHECK_TIMEOUT_SECONDS)

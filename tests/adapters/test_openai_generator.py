@@ -49,11 +49,8 @@ from core.png import read_png_size, solid_png
 from core.ports import PartialSink
 from core.retry import GiveUp, RetryLater, RetryPolicy, decide_after_failure
 from listener.generators import openai as openai_generator
-from listener.generators.openai import (
-    OpenAIImageGenerator,
-    build_openai_client,
-    parse_retry_after,
-)
+from listener.generators.openai import OpenAIImageGenerator, build_openai_client
+from listener.generators.openai_errors import parse_retry_after
 from listener.generators.retrying import RetryingGenerator
 from listener.ops.metrics import Metrics
 from tests.support.fake_openai import FakeOpenAI, parse_directives

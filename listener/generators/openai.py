@@ -1,9 +1,7 @@
 """The real :class:`core.ports.ImageGenerator`: OpenAI's Images API through the official SDK.
 
 This is the boundary where SDK errors become :mod:`core.errors`: every ``openai.OpenAIError``
-is translated once, here, with ``raise ... from exc``. Error ``detail`` holds what an operator
-needs to follow up (status, provider code and type, param, provider request id) and never the
-provider's free text or any header, so neither a key nor a prompt can leak into logs through it.
+is raised again ``from exc`` as what :mod:`listener.generators.openai_errors` translates it to.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from core.models import (
 from core.ports import PartialSink
 from listener.generators.http import AioHttpClient
 from listener.generators.openai_errors import (
-    _body_read_error,
+    body_read_error,
     stream_event_error,
     translate_openai_error,
 )
@@ -127,7 +125,7 @@ class OpenAIImageGenerator:
             raise translate_openai_error(exc, secret=self._client.api_key) from exc
         except (TimeoutError, httpx2.HTTPError) as exc:
             # Reading the body comes after the SDK's own error mapping.
-            raise _body_read_error(exc) from exc
+            raise body_read_error(exc) from exc
 
     async def _streamed(
         self, call: _Call, params: GenerationParams, on_partial: PartialSink
@@ -159,7 +157,7 @@ class OpenAIImageGenerator:
         except openai.OpenAIError as exc:
             raise translate_openai_error(exc, secret=self._client.api_key) from exc
         except (TimeoutError, httpx2.HTTPError) as exc:
-            raise _body_read_error(exc) from exc
+            raise body_read_error(exc) from exc
         raise ProviderUnavailable(
             f"openai images.{call.method}: the stream ended without its completed event"
         )

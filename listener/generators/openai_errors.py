@@ -97,7 +97,7 @@ def _translate(exc: openai.OpenAIError) -> ImageListenerError:
     return OperatorError(f"openai client error ({type(exc).__name__})")
 
 
-def _body_read_error(exc: TimeoutError | httpx2.HTTPError) -> ImageListenerError:
+def body_read_error(exc: TimeoutError | httpx2.HTTPError) -> ImageListenerError:
     """Our own body deadline, or the transport's error while reading the body."""
     cause = _innermost_cause(exc) or exc
     if isinstance(exc, TimeoutError) or _is_timeout(cause):

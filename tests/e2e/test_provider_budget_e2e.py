@@ -5,8 +5,11 @@ rate limit -- each runs with MAX_ATTEMPTS=1, so a 429 that spent an attempt woul
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +27,30 @@ Conn = psycopg.Connection[dict[str, Any]]
 NOTHING_TO_SPARE = {"IMAGE_LISTENER_MAX_ATTEMPTS": "1", "IMAGE_LISTENER_TRIES_PER_ATTEMPT": "1"}
 
 
-def start_fleet(fleet: list[Daemon], count: int, env: dict[str, str]) -> None:
-    for index in range(count):
-        daemon = Daemon({**env, "IMAGE_LISTENER_WORKER_ID": f"budget-{index}"})
-        fleet.append(daemon)
-    for daemon in fleet:
-        daemon.wait_for_event("listening")
+@contextlib.contextmanager
+def running_fleet(
+    count: int, database_url: str, fake: FakeOpenAI, tmp_path: Path, **settings: str
+) -> Iterator[list[Daemon]]:
+    """``count`` listeners (concurrency 4, nothing to spare) on the database, ready; killed
+    after."""
+    env = listener_env(
+        database_url,
+        fake.base_url,
+        tmp_path / "images",
+        IMAGE_LISTENER_CONCURRENCY="4",
+        **NOTHING_TO_SPARE,
+        **settings,
+    )
+    fleet = [
+        Daemon({**env, "IMAGE_LISTENER_WORKER_ID": f"budget-{index}"}) for index in range(count)
+    ]
+    try:
+        for daemon in fleet:
+            daemon.wait_for_event("listening")
+        yield fleet
+    finally:
+        for daemon in fleet:
+            daemon.stop()
 
 
 def wait_final(db: Conn, requests: list[uuid.UUID], timeout: float) -> list[dict[str, Any]]:
@@ -44,6 +65,13 @@ def wait_final(db: Conn, requests: list[uuid.UUID], timeout: float) -> list[dict
             )
             raise AssertionError(f"{pending} of {len(requests)} requests not final in {timeout} s")
         time.sleep(0.1)
+
+
+def budget_of(db: Conn) -> dict[str, Any]:
+    row = db.execute("select public.image_provider_budget() as b").fetchone()
+    assert row is not None
+    shown: dict[str, Any] = row["b"]
+    return shown
 
 
 def finished_by(fleet: list[Daemon]) -> list[int]:
@@ -70,17 +98,9 @@ def test_the_budget_holds_across_replicas(database_url: str, db: Conn, tmp_path:
     """Three listeners set to 150 per minute (2.5/s) share one budget: the provider, which admits
     3 calls per second, never sees more than 3 arrive within a second and refuses none."""
     with FakeOpenAI(default_delay_seconds=0.3, rate_limit=3, rate_window_seconds=1.0) as fake:
-        env = listener_env(
-            database_url,
-            fake.base_url,
-            tmp_path / "images",
-            IMAGE_LISTENER_CONCURRENCY="4",
-            IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE="150",
-            **NOTHING_TO_SPARE,
-        )
-        fleet: list[Daemon] = []
-        try:
-            start_fleet(fleet, 3, env)
+        with running_fleet(
+            3, database_url, fake, tmp_path, IMAGE_LISTENER_PROVIDER_IMAGES_PER_MINUTE="150"
+        ) as fleet:
             requests, owner = two_users_requests(db, 10, "budget")
             replies = wait_final(db, requests, timeout=40)
             assert [r["status"] for r in replies] == ["complete"] * 20
@@ -94,9 +114,6 @@ def test_the_budget_holds_across_replicas(database_url: str, db: Conn, tmp_path:
             first_ten = [owner[r.prompt] for r in fake.requests()[:10]]
             assert first_ten.count("A") >= 4, first_ten
             assert first_ten.count("B") >= 4, first_ten
-        finally:
-            for daemon in fleet:
-                daemon.stop()
 
 
 def test_a_429_pauses_every_listener_and_costs_no_attempt(
@@ -106,22 +123,15 @@ def test_a_429_pauses_every_listener_and_costs_no_attempt(
     second is over, though six requests are waiting; the refused request then completes on
     its first (and only) attempt."""
     with FakeOpenAI(default_delay_seconds=0.1) as fake:
-        env = listener_env(
-            database_url,
-            fake.base_url,
-            tmp_path / "images",
-            IMAGE_LISTENER_CONCURRENCY="4",
-            **NOTHING_TO_SPARE,
-        )
-        fleet: list[Daemon] = []
-        try:
-            start_fleet(fleet, 2, env)
+        with running_fleet(2, database_url, fake, tmp_path):
             user, chat = new_chat(db)
             limited_prompt = "a lighthouse [fake:fail=429:retry-after=1]"
             limited = insert_request(db, user, chat, limited_prompt)
+            # the requests come once the pause is recorded (a call started before it exists is
+            # in flight, not a breach)
             deadline = time.monotonic() + 10
-            while fake.calls(limited_prompt) == 0:
-                assert time.monotonic() < deadline, "the first request never reached the provider"
+            while (paused_until := budget_of(db)["paused_until"]) is None:
+                assert time.monotonic() < deadline, "no pause was recorded"
                 time.sleep(0.01)
             refused_at = fake.last_request(limited_prompt).received_at
             others = [insert_request(db, user, chat, f"a harbour {i}") for i in range(6)]
@@ -131,14 +141,13 @@ def test_a_429_pauses_every_listener_and_costs_no_attempt(
             starts = sorted(
                 r.received_at for r in fake.requests() if r.prompt.startswith("a harbour")
             )
-            assert starts[0] >= refused_at + 1.0 - 0.05, starts[0] - refused_at
-            rows = db.execute("select public.image_provider_budget() as b").fetchone()
-            assert rows is not None
-            assert (rows["b"]["rate_limited"], rows["b"]["pauses"]) == (1, 1)
-            assert rows["b"]["source"] == "learned"
-        finally:
-            for daemon in fleet:
-                daemon.stop()
+            # the pause lasts the retry-after from the refusal, and nobody calls before its end
+            pause_ends = datetime.fromisoformat(paused_until).timestamp()
+            assert pause_ends >= refused_at + 1.0 - 0.05, pause_ends - refused_at
+            assert starts[0] >= pause_ends - 0.01, starts[0] - pause_ends
+            shown = budget_of(db)
+            assert (shown["rate_limited"], shown["pauses"]) == (1, 1)
+            assert shown["source"] == "learned"
 
 
 def test_without_a_budget_the_fleet_learns_and_no_request_fails(
@@ -147,16 +156,7 @@ def test_without_a_budget_the_fleet_learns_and_no_request_fails(
     """A burst of 30 against 4 calls per second with no budget set: the fleet is refused at
     first, learns, and every request completes on its first attempt."""
     with FakeOpenAI(default_delay_seconds=0.2, rate_limit=4, rate_window_seconds=1.0) as fake:
-        env = listener_env(
-            database_url,
-            fake.base_url,
-            tmp_path / "images",
-            IMAGE_LISTENER_CONCURRENCY="4",
-            **NOTHING_TO_SPARE,
-        )
-        fleet: list[Daemon] = []
-        try:
-            start_fleet(fleet, 3, env)
+        with running_fleet(3, database_url, fake, tmp_path):
             requests, _owner = two_users_requests(db, 15, "learn")
             replies = wait_final(db, requests, timeout=60)
             assert [r["status"] for r in replies] == ["complete"] * 30
@@ -164,6 +164,3 @@ def test_without_a_budget_the_fleet_learns_and_no_request_fails(
             assert fake.rate_limited > 0  # it was refused, and none of that failed a request
             calls = fake.rate_limited + len(fake.admissions())
             assert fake.rate_limited / calls < 0.5, (fake.rate_limited, calls)
-        finally:
-            for daemon in fleet:
-                daemon.stop()

@@ -24,7 +24,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +32,10 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from listener.migrate import apply_migrations  # noqa: E402
-from listener.runtime.wiring import MODES as MODE_PLANS  # noqa: E402
+from bench.mode_rig import running_listener  # noqa: E402
 from tests.support.fake_openai import FakeOpenAI  # noqa: E402
-from tests.support.modes import MODES, build_rig  # noqa: E402
-from tests.support.pg import PostgresServer, connect  # noqa: E402
+from tests.support.modes import MODES  # noqa: E402
 from tests.support.queue_helpers import new_chat  # noqa: E402
-from tests.support.supabase_stack import SupabaseStack  # noqa: E402
-from tests.support.supabase_stack.postgrest import INSTALL_HINT, find_postgrest  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -55,46 +50,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0, help="fake generation seconds")
     args = parser.parse_args()
-    if MODE_PLANS[args.mode].uses_supabase and find_postgrest() is None:
-        print(f"bench: PostgREST is not installed: run '{INSTALL_HINT}'", file=sys.stderr)
-        return 1
-
-    server = PostgresServer()
-    name = server.empty()
-    dsn = server.dsn(name)
-    apply_migrations(dsn)
-    stacks: list[SupabaseStack] = []
-
-    def make_stack(**kwargs: object) -> SupabaseStack:
-        stack = SupabaseStack(dsn, server.admin_dsn, **kwargs)  # type: ignore[arg-type]
-        stack.start()
-        stacks.append(stack)
-        return stack
-
-    images = tempfile.TemporaryDirectory(prefix="il-bench-")
-    try:
-        with FakeOpenAI(default_delay_seconds=args.delay) as fake, connect(dsn) as conn:
-            rigs = build_rig(
-                args.mode,
-                database_url=dsn,
-                db=conn,
-                fake=fake,
-                image_dir=Path(images.name),
-                make_stack=make_stack,
-            )
-            rig = next(rigs)
-            try:
-                rig.env |= {"IMAGE_LISTENER_LOG_LEVEL": "info"}
-                rig.start()
-                rows = _measure(rig, conn, args.requests)
-            finally:
-                rigs.close()
-    finally:
-        for stack in stacks:
-            stack.stop()
-        server.drop(name)
-        server.close()
-        images.cleanup()
+    with (
+        FakeOpenAI(default_delay_seconds=args.delay) as fake,
+        running_listener(args.mode, fake) as (rig, conn),
+    ):
+        rows = _measure(rig, conn, args.requests)
     wake = [float(r["wake_ms"]) for r in rows]
     done = [float(r["done_ms"]) for r in rows]
     print(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,10 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from listener.migrate import apply_migrations  # noqa: E402
-from listener.runtime.wiring import MODES as MODE_PLANS  # noqa: E402
+from bench.mode_rig import running_listener  # noqa: E402
 from tests.support.fake_openai import FakeOpenAI  # noqa: E402
-from tests.support.modes import MODES, ModeRig, build_rig  # noqa: E402
-from tests.support.pg import PostgresServer, connect  # noqa: E402
+from tests.support.modes import MODES, ModeRig  # noqa: E402
 from tests.support.queue_helpers import new_chat  # noqa: E402
-from tests.support.supabase_stack import SupabaseStack  # noqa: E402
-from tests.support.supabase_stack.postgrest import INSTALL_HINT, find_postgrest  # noqa: E402
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -94,45 +89,8 @@ def main() -> int:
     parser.add_argument("--partials", type=int, default=2, choices=(1, 2, 3))
     parser.add_argument("--every", type=float, default=0.3, help="seconds between stream events")
     args = parser.parse_args()
-    if MODE_PLANS[args.mode].uses_supabase and find_postgrest() is None:
-        print(f"bench: PostgREST is not installed: run '{INSTALL_HINT}'", file=sys.stderr)
-        return 1
-    server = PostgresServer()
-    name = server.empty()
-    dsn = server.dsn(name)
-    apply_migrations(dsn)
-    stacks: list[SupabaseStack] = []
-
-    def make_stack(**kwargs: object) -> SupabaseStack:
-        stack = SupabaseStack(dsn, server.admin_dsn, **kwargs)  # type: ignore[arg-type]
-        stack.start()
-        stacks.append(stack)
-        return stack
-
-    images = tempfile.TemporaryDirectory(prefix="il-bench-")
-    try:
-        with FakeOpenAI() as fake, connect(dsn) as conn:
-            rigs = build_rig(
-                args.mode,
-                database_url=dsn,
-                db=conn,
-                fake=fake,
-                image_dir=Path(images.name),
-                make_stack=make_stack,
-            )
-            rig = next(rigs)
-            try:
-                rig.env |= {"IMAGE_LISTENER_LOG_LEVEL": "info"}
-                rig.start()
-                results = measure(rig, conn, fake, args)
-            finally:
-                rigs.close()
-    finally:
-        for stack in stacks:
-            stack.stop()
-        server.drop(name)
-        server.close()
-        images.cleanup()
+    with FakeOpenAI() as fake, running_listener(args.mode, fake) as (rig, conn):
+        results = measure(rig, conn, fake, args)
     total = (args.partials + 1) * args.every
     print(
         f"mode {args.mode}: {args.requests} requests one at a time; the provider streams "

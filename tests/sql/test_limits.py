@@ -18,7 +18,7 @@ import httpx
 import psycopg
 import pytest
 
-from listener.migrate import apply_migrations, discover
+from listener.migrate import apply_migrations
 from tests.support.pg import PostgresServer, as_user, connect, create_user
 from tests.support.queue_helpers import insert_request, new_chat
 from tests.support.supabase_stack import SupabaseStack
@@ -336,42 +336,32 @@ def test_a_database_migrated_before_the_limits_counts_its_recent_requests(
     """The limits migration on a live database: recent requests join the ledger (a completed
     one with its cost at today's prices), so the first insert after it is already counted; a
     request queued before it completes priced."""
-    earlier = tmp_path / "earlier"
-    earlier.mkdir()
-    for migration in discover():
-        if migration.version < LIMITS_VERSION:
-            (earlier / f"{migration.version}_{migration.name}.sql").write_text(migration.sql)
-    name = pg_server.empty()
-    try:
-        apply_migrations(pg_server.dsn(name), earlier)
-        with connect(pg_server.dsn(name)) as db:
-            user, chat = new_chat(db)
-            insert_request(db, user, chat, "done before the upgrade")
-            [job] = db.execute("select * from public.image_jobs_claim('old', 1, 60, 5)").fetchall()
-            usage = {
-                "model": "gpt-image-2.6-flare",
-                "usage": {"input_tokens": 0, "output_tokens": 1000},
-            }
-            db.execute(
-                "select public.image_jobs_complete(%s, 'old', %s, 'file:///x.png', %s::jsonb)",
-                (job["request_id"], job["attempt"], json.dumps(usage)),
-            )
-            waiting = insert_request(db, user, chat, "queued across the upgrade")
-            apply_migrations(pg_server.dsn(name))
-            ledger = db.execute(
-                "select request_id, cost_usd from image_queue.usage order by accepted_at"
-            ).fetchall()
-            assert [row["request_id"] for row in ledger] == [job["request_id"], waiting]
-            assert float(ledger[0]["cost_usd"]) == pytest.approx(1000 * 30.0 / 1_000_000)
-            set_limits(db, None, per_day=2)
-            refused(db, user, chat)
-            claim_and_complete(db, {"output_tokens": 1000})
-            [reply] = db.execute(
-                "select metadata from public.messages where reply_to = %s", (waiting,)
-            ).fetchall()
-            assert float(reply["metadata"]["cost_usd"]) == pytest.approx(0.03)
-    finally:
-        pg_server.drop(name)
+    with pg_server.migrated_before(LIMITS_VERSION, tmp_path) as dsn, connect(dsn) as db:
+        user, chat = new_chat(db)
+        insert_request(db, user, chat, "done before the upgrade")
+        [job] = db.execute("select * from public.image_jobs_claim('old', 1, 60, 5)").fetchall()
+        usage = {
+            "model": "gpt-image-2.6-flare",
+            "usage": {"input_tokens": 0, "output_tokens": 1000},
+        }
+        db.execute(
+            "select public.image_jobs_complete(%s, 'old', %s, 'file:///x.png', %s::jsonb)",
+            (job["request_id"], job["attempt"], json.dumps(usage)),
+        )
+        waiting = insert_request(db, user, chat, "queued across the upgrade")
+        apply_migrations(dsn)
+        ledger = db.execute(
+            "select request_id, cost_usd from image_queue.usage order by accepted_at"
+        ).fetchall()
+        assert [row["request_id"] for row in ledger] == [job["request_id"], waiting]
+        assert float(ledger[0]["cost_usd"]) == pytest.approx(1000 * 30.0 / 1_000_000)
+        set_limits(db, None, per_day=2)
+        refused(db, user, chat)
+        claim_and_complete(db, {"output_tokens": 1000})
+        [reply] = db.execute(
+            "select metadata from public.messages where reply_to = %s", (waiting,)
+        ).fetchall()
+        assert float(reply["metadata"]["cost_usd"]) == pytest.approx(0.03)
 
 
 def test_a_limit_of_zero_turns_generation_off_for_the_user(db: Conn) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from listener.migrate import apply_migrations, discover
+from listener.migrate import apply_migrations
 from tests.support.pg import PostgresServer, as_user, connect
 from tests.support.queue_helpers import insert_request, job_of, new_chat, reply_of
 
@@ -138,28 +138,18 @@ def test_requests_queued_before_the_upgrade_get_their_queued_reply(
 ) -> None:
     """A database migrated by the previous release, with requests queued (no reply yet) and
     one running (its reply 'generating'), then upgraded: every request has its one reply."""
-    earlier = tmp_path / "earlier"
-    earlier.mkdir()
-    for migration in discover():
-        if migration.version < QUEUED_REPLY_VERSION:
-            (earlier / f"{migration.version}_{migration.name}.sql").write_text(migration.sql)
-    name = pg_server.empty()
-    try:
-        apply_migrations(pg_server.dsn(name), earlier)
-        with connect(pg_server.dsn(name)) as db:
-            user, chat = new_chat(db)
-            running = insert_request(db, user, chat, "running")
-            claim(db)
-            waiting = [insert_request(db, user, chat, f"queued {i}") for i in range(2)]
-            assert reply_of(db, waiting[0]) == []  # the old rule
-            apply_migrations(pg_server.dsn(name))
-            assert [reply_of(db, r)[0]["status"] for r in waiting] == ["queued", "queued"]
-            assert reply_of(db, running)[0]["status"] == "generating"
-            [job] = claim(db)  # a listener of either release then claims as before
-            [reply] = reply_of(db, job["request_id"])
-            assert (reply["id"], reply["status"]) == (job["reply_id"], "generating")
-    finally:
-        pg_server.drop(name)
+    with pg_server.migrated_before(QUEUED_REPLY_VERSION, tmp_path) as dsn, connect(dsn) as db:
+        user, chat = new_chat(db)
+        running = insert_request(db, user, chat, "running")
+        claim(db)
+        waiting = [insert_request(db, user, chat, f"queued {i}") for i in range(2)]
+        assert reply_of(db, waiting[0]) == []  # the old rule
+        apply_migrations(dsn)
+        assert [reply_of(db, r)[0]["status"] for r in waiting] == ["queued", "queued"]
+        assert reply_of(db, running)[0]["status"] == "generating"
+        [job] = claim(db)  # a listener of either release then claims as before
+        [reply] = reply_of(db, job["request_id"])
+        assert (reply["id"], reply["status"]) == (job["reply_id"], "generating")
 
 
 def preview(db: Conn, job: dict[str, Any], worker: str, url: str, index: int) -> str:

@@ -21,7 +21,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from listener.migrate import apply_migrations
+from listener.migrate import apply_migrations, discover
 
 TEMPLATE_DB = f"image_listener_template_{os.getpid()}"
 _counter = itertools.count()
@@ -63,6 +63,23 @@ class PostgresServer:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             conn.execute(f'create database "{name}"')
         return name
+
+    @contextmanager
+    def migrated_before(self, version: str, scratch: Path) -> Iterator[str]:
+        """The DSN of a fresh database migrated by the release before ``version`` (every
+        migration older than it, copied into ``scratch``); dropped after. An upgrade test
+        applies the rest with ``apply_migrations(dsn)``."""
+        earlier = scratch / f"migrations-before-{version}"
+        earlier.mkdir()
+        for migration in discover():
+            if migration.version < version:
+                (earlier / f"{migration.version}_{migration.name}.sql").write_text(migration.sql)
+        name = self.empty()
+        try:
+            apply_migrations(self.dsn(name), earlier)
+            yield self.dsn(name)
+        finally:
+            self.drop(name)
 
     def drop(self, name: str) -> None:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:

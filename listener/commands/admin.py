@@ -48,16 +48,6 @@ def parse_since(
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def status_with_budget(failures: int) -> Callable[[QueueCalls], Awaitable[dict[str, Any]]]:
-    """The queue snapshot with the fleet's provider budget under ``provider_budget``."""
-
-    async def call(queue: QueueCalls) -> dict[str, Any]:
-        status = await queue.status(failures)
-        return {**status, "provider_budget": await queue.provider_budget()}
-
-    return call
-
-
 def render_status(status: Mapping[str, Any]) -> str:
     """The status snapshot as a readable report."""
     jobs = status["jobs"]

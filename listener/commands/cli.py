@@ -205,8 +205,9 @@ def status(as_json: bool, failures: int, data_dir: Path) -> None:
     """Queue depth by state, oldest request, leases by worker, recent failures, and the
     fleet's provider budget (its rate, a pause)."""
     from listener.commands import admin
+    from listener.queue.calls import queue_snapshot
 
-    snapshot = admin_call(admin.status_with_budget(failures), data_dir)
+    snapshot = admin_call(lambda queue: queue_snapshot(queue, failures), data_dir)
     click.echo(admin.as_json(snapshot) if as_json else admin.render_status(snapshot))
 
 

@@ -14,13 +14,13 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
 from core.errors import ImageListenerError, OperatorError
 from core.ports import JobStore, WakeupSource
 from listener.ops.metrics import LiveState, Metrics
+from listener.queue.calls import queue_snapshot
 from listener.settings import Settings
 
 log = structlog.get_logger("listener.ops")
@@ -153,12 +153,8 @@ def ops_server(
         return None
     metrics.in_flight.set_function(in_flight)
 
-    async def snapshot() -> dict[str, Any]:
-        status = await queue.status()
-        return {**status, "provider_budget": await queue.provider_budget()}
-
     live = LiveState(
-        queue_status=snapshot,
+        queue_status=lambda: queue_snapshot(queue),
         wakeup_state=lambda: {
             "healthy": float(wakeups.healthy),
             "reconnects": float(wakeups.reconnects),

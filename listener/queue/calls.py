@@ -26,7 +26,7 @@ from uuid import UUID
 from core.budget import NextStart
 from core.errors import OperatorError
 from core.models import ClaimedJob, as_timestamp, as_uuid
-from core.ports import Completion, WriteResult
+from core.ports import Completion, JobStore, WriteResult
 
 #: what the fenced writes return -> what the worker needs to know
 WRITE_RESULTS = {
@@ -320,6 +320,13 @@ class QueueCalls:
         if not isinstance(rows, list):
             raise OperatorError("image_prices answered something that is not a list")
         return rows
+
+
+async def queue_snapshot(queue: JobStore, failures: int = 0) -> dict[str, Any]:
+    """The ``image_queue_status`` snapshot with the fleet's provider budget under
+    ``provider_budget``: what ``image-listener status`` prints and ``/metrics`` shows."""
+    status = await queue.status(failures)
+    return {**status, "provider_budget": await queue.provider_budget()}
 
 
 def _known_result(function: str, result: object) -> WriteResult:
